@@ -1,0 +1,8 @@
+"""The one user-facing error type: its message names the bad value and what is accepted."""
+
+
+class AfdError(Exception):
+    """A problem the user can fix (bad model directory, bad parameter, ...).
+
+    The CLI prints it as one line and exits non-zero; the server maps it to a 4xx response.
+    """

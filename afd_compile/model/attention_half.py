@@ -1,0 +1,101 @@
+"""The attention half of a DeepSeek-V2 decoder layer: h + MLA(input_layernorm(h)).
+
+Runs on attention ranks (and in the monolithic engine). MLA is computed in its absorbed
+form: queries are projected into the kv_lora_rank latent space (W_UK) so attention reads the
+compressed cache directly, and the latent output is expanded by W_UV afterwards. Nothing of
+size [heads, seq, head_dim] is ever materialised from the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from afd_compile.model.kv_cache import MLAKVCache
+from afd_compile.model.layers import RMSNorm
+from afd_compile.model.rope import apply_rope
+
+
+@dataclass
+class AttentionInputs:
+    """Where each token sits: shared by all layers of one forward."""
+
+    positions: torch.Tensor  # [B, L] position of each token (rope and causal mask)
+    write_slots: torch.Tensor  # [B, L] cache slot each token's latent goes to (scratch for padding)
+    read_slots: torch.Tensor  # [B] cache slot each row attends over
+    cos: torch.Tensor  # [B, L, rope_dim // 2]
+    sin: torch.Tensor
+    n_ctx: int  # cache positions attended; static max_seq when compiled
+
+
+def softmax_scale(hf_config) -> float:
+    scale = (hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim) ** -0.5
+    params = hf_config.rope_parameters
+    mscale_all_dim = params.get("mscale_all_dim", 0) if params.get("rope_type", "default") != "default" else 0
+    if mscale_all_dim and params["factor"] > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(params["factor"]) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        qk_dim = self.num_heads * (self.nope + self.rope)
+        bias = cfg.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.rope, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        self.scale = softmax_scale(cfg)
+        self.kv_cache: MLAKVCache | None = None
+
+    def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+        B, L, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, L, self.num_heads, -1).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, inp.cos.unsqueeze(2), inp.sin.unsqueeze(2))
+
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe, inp.cos, inp.sin)
+        self.kv_cache.write(inp.write_slots, inp.positions, latent, k_pe)
+        ctx_latent, ctx_rope = self.kv_cache.read(inp.read_slots, inp.n_ctx)  # [B, S, C], [B, S, R]
+
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)
+        q_latent = torch.einsum("blhd,hdc->blhc", q_nope, w_uk)
+        scores = torch.einsum("blhc,bsc->bhls", q_latent, ctx_latent)
+        scores = (scores + torch.einsum("blhr,bsr->bhls", q_pe, ctx_rope)) * self.scale
+        visible = torch.arange(inp.n_ctx, device=x.device) <= inp.positions.unsqueeze(-1)  # [B, L, S]
+        scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        out_latent = torch.einsum("bhls,bsc->blhc", probs, ctx_latent)
+        out = torch.einsum("blhc,hvc->blhv", out_latent, w_uv)
+        return self.o_proj(out.flatten(2))
+
+
+class AttentionHalf(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+
+    def forward(self, h: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+        return h + self.self_attn(self.input_layernorm(h), inp)

@@ -1,0 +1,67 @@
+"""The FFN half of a DeepSeek-V2 decoder layer: h + MLP(post_attention_layernorm(h)).
+
+Runs on FFN ranks (and in the monolithic engine). The first `first_k_dense_replace` layers
+have a dense SwiGLU; the rest DeepSeekMoE: a gate over n_routed_experts, the routed experts
+(of which an expert-parallel rank holds only its contiguous share) and shared experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afd_compile.model.layers import RMSNorm, SwiGLU
+from moe_kernels import fused_experts, select_experts
+
+
+class Experts(nn.Module):
+    """Routed expert weights of one layer, stacked as transformers v5 stores them."""
+
+    def __init__(self, num_local: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_local, hidden, intermediate))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg, ep_rank: int = 0, ep_size: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        num_local = cfg.n_routed_experts // ep_size
+        self.first_expert = ep_rank * num_local
+        self.gate = nn.Linear(cfg.hidden_size, cfg.n_routed_experts, bias=False)
+        self.experts = Experts(num_local, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [tokens, hidden] -> (topk_weights, topk_ids) [tokens, top_k]; the gate runs in fp32."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate.weight.float())
+        return select_experts(logits, cfg.num_experts_per_tok, cfg.topk_method, cfg.n_group, cfg.topk_group,
+                              cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' share of the routed output, [tokens, hidden]."""
+        weights, ids = self.route(x)
+        return fused_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.routed(flat)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view_as(x)
+
+
+class FFNHalf(nn.Module):
+    def __init__(self, cfg, layer_idx: int, ep_rank: int = 0, ep_size: int = 1):
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = layer_idx >= cfg.first_k_dense_replace
+        self.mlp = MoE(cfg, ep_rank, ep_size) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))

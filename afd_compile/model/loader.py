@@ -1,0 +1,169 @@
+"""Loads HF DeepSeek-V2 checkpoint directories: config and tokenizer through transformers,
+weights through safetensors, only the tensors the requested part needs.
+
+Accepts the per-expert names real DeepSeek-V2(-Lite) checkpoints and transformers'
+`save_pretrained` write (`mlp.experts.N.gate_proj.weight`, ...) and transformers v5's stacked
+form (`mlp.experts.gate_up_proj`). An expert-parallel rank reads only its experts' slices.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from afd_compile.errors import AfdError
+from afd_compile.model.decoder import DeepseekV2
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v2",)
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "afd-demo-moe"
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_ATTENTION_PREFIXES = ("input_layernorm.", "self_attn.")
+_FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
+
+
+def _model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise AfdError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise AfdError(f"model directory {str(path)!r} has no config.json")
+    return path
+
+
+def load_config(path: str | Path) -> PretrainedConfig:
+    path = _model_dir(path)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AfdError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise AfdError(f"unsupported architecture: model_type {model_type!r} in {path / 'config.json'}; "
+                       f"afd-compile supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, TypeError, KeyError) as e:
+        raise AfdError(f"cannot read {path / 'config.json'}: {e}") from None
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = _model_dir(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise AfdError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json or tokenizer.model)")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AfdError(f"cannot load the tokenizer in {str(path)!r}: {e}") from None
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+        if pickles:
+            raise AfdError(f"{path} holds only pickle weights ({', '.join(pickles)}); afd-compile loads "
+                           "safetensors only, since unpickling can run arbitrary code. Convert them with "
+                           "transformers: model.save_pretrained(dir, safe_serialization=True)")
+        raise AfdError(f"model directory {str(path)!r} has no *.safetensors weights")
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.update((name, file) for name in f.keys())
+    return names
+
+
+def _target(name: str, model: DeepseekV2) -> str | None:
+    """Our parameter name for a checkpoint tensor, or None when this part does not need it."""
+    if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        return name.removeprefix("model.") if model.has_attention else None
+    m = _LAYER.fullmatch(name)
+    if m is None or int(m[1]) >= model.cfg.num_hidden_layers:
+        return None
+    layer, rest = m[1], m[2]
+    if rest.startswith(_ATTENTION_PREFIXES):
+        return f"attention_halves.{layer}.{rest}" if model.has_attention else None
+    if rest.startswith(_FFN_PREFIXES):
+        return f"ffn_halves.{layer}.{rest}" if model.has_ffn else None
+    return None
+
+
+class _Reader:
+    """Opens each safetensors file once and reads tensors or slices of them on demand."""
+
+    def __init__(self):
+        self._open = {}
+
+    def handle(self, file: Path):
+        if file not in self._open:
+            self._open[file] = safe_open(file, framework="pt")
+        return self._open[file]
+
+
+def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
+    files = weight_files(path)
+    wanted = dict(model.state_dict())
+    reader = _Reader()
+    out: dict[str, torch.Tensor] = {}
+    todo = [(name, target) for name in files if (target := _target(name, model)) is not None]
+    for name, target in tqdm(todo, desc=f"loading {path.name} ({model.part})", unit="tensor", disable=None):
+        f = reader.handle(files[name])
+        m = _EXPERT.search(target)
+        if m is not None:  # one expert's matrix: goes into the stacked tensor, if this rank holds it
+            moe = model.get_submodule(target[: target.index(".mlp.") + 4])
+            local = int(m[1]) - moe.first_expert
+            n_local, _, inter = moe.experts.down_proj.shape[0], *moe.experts.down_proj.shape[1:]
+            if not 0 <= local < n_local:
+                continue
+            prefix = target[: m.start()] + "mlp.experts."
+            stacked = "down_proj" if m[2] == "down_proj" else "gate_up_proj"
+            key = prefix + stacked
+            if key not in out:
+                out[key] = torch.empty(wanted[key].shape, dtype=wanted[key].dtype)
+            rows = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter), "down_proj": slice(None)}[m[2]]
+            out[key][local, rows] = f.get_tensor(name)
+        elif target.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            moe = model.get_submodule(target.removesuffix(".experts.gate_up_proj").removesuffix(".experts.down_proj"))
+            n_local = moe.experts.down_proj.shape[0]
+            out[target] = f.get_slice(name)[moe.first_expert : moe.first_expert + n_local]
+        else:
+            out[target] = f.get_tensor(name)
+    if model.has_attention and "lm_head.weight" not in out and model.cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out.get("embed_tokens.weight")
+    missing = sorted(set(wanted) - set(out))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise AfdError(f"checkpoint in {path} lacks tensors the model needs: {shown}")
+    for key, tensor in out.items():
+        if tuple(tensor.shape) != tuple(wanted[key].shape):
+            raise AfdError(f"checkpoint tensor for {key} has shape {tuple(tensor.shape)}, "
+                           f"config.json implies {tuple(wanted[key].shape)}")
+    return out
+
+
+def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int = 0, ep_size: int = 1,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DeepseekV2:
+    """Builds the model on the meta device and assigns the loaded tensors: no double allocation."""
+    path = _model_dir(path)
+    cfg = load_config(path)
+    if cfg.n_routed_experts % ep_size:
+        raise AfdError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the {ep_size} FFN ranks")
+    with torch.device("meta"):
+        model = DeepseekV2(cfg, part, ep_rank, ep_size)
+    state = load_state_dict(path, model)
+    # The router stays fp32 (as in transformers): expert choice must not flip with the dtype.
+    state = {k: v.to(device=device, dtype=torch.float32 if k.endswith("mlp.gate.weight") else dtype)
+             for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,33 @@
+"""Routed-expert computation as one custom op: dispatch, grouped matmul, combine.
+
+Registered with torch.library so torch.compile sees a single opaque op with a static output
+shape: the per-expert row counts are data-dependent, which would otherwise force graph
+breaks or recompiles every step (vLLM registers its fused_moe the same way).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.dispatch import combine, dispatch
+from moe_kernels.grouped_matmul import grouped_swiglu
+
+
+@torch.library.custom_op("moe_kernels::fused_experts", mutates_args=())
+def fused_experts(
+    x: torch.Tensor,  # [tokens, hidden]
+    topk_weights: torch.Tensor,  # [tokens, top_k]
+    topk_ids: torch.Tensor,  # [tokens, top_k], global expert ids
+    w13: torch.Tensor,  # [local_experts, 2 * intermediate, hidden]
+    w2: torch.Tensor,  # [local_experts, hidden, intermediate]
+    first_expert: int,
+) -> torch.Tensor:
+    """Sum over k of topk_weights * expert(x), for the experts this rank holds."""
+    plan = dispatch(topk_ids, topk_weights, first_expert, w13.shape[0])
+    expert_out = grouped_swiglu(x[plan.token_idx], plan.counts, w13, w2)
+    return combine(expert_out, plan, x.shape[0])
+
+
+@fused_experts.register_fake
+def _(x, topk_weights, topk_ids, w13, w2, first_expert):
+    return torch.empty_like(x)
