@@ -1,0 +1,59 @@
+"""One config object, built once from the CLI (or API) and passed everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from afd_compile.errors import AfdError
+from afd_compile.model.loader import DEFAULT_MODEL
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# The KV cache is static, [max_num_seqs, max_model_len, ...] per layer: cap the default so a
+# checkpoint advertising 160k positions does not allocate gigabytes on a laptop.
+DEFAULT_MAX_MODEL_LEN_CAP = 2048
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path = DEFAULT_MODEL
+    max_num_seqs: int = 64  # KV cache slots = most requests running at once
+    max_model_len: int | None = None  # context length; default min(max_position_embeddings, 2048)
+    max_num_batched_tokens: int = 2048  # prefill token budget of one step
+    dtype: str = "float32"
+    device: str = "cpu"
+    enforce_eager: bool = False  # as in vLLM: no torch.compile
+    batch_buckets: tuple[int, ...] = field(default=DEFAULT_BUCKETS)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise AfdError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.max_num_seqs < 1:
+            raise AfdError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise AfdError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_num_batched_tokens < 1:
+            raise AfdError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        buckets = sorted({b for b in self.batch_buckets if b < self.max_num_seqs} | {self.max_num_seqs})
+        self.batch_buckets = tuple(buckets)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def resolve_max_model_len(self, hf_config) -> int:
+        limit = hf_config.max_position_embeddings
+        if self.max_model_len is None:
+            return min(limit, DEFAULT_MAX_MODEL_LEN_CAP)
+        if self.max_model_len > limit:
+            raise AfdError(f"max_model_len {self.max_model_len} exceeds the model's "
+                           f"max_position_embeddings {limit}")
+        return self.max_model_len
+
+    def bucket(self, batch_size: int) -> int:
+        """Smallest compiled batch size that holds batch_size rows."""
+        return next(b for b in self.batch_buckets if b >= batch_size)

@@ -1,0 +1,125 @@
+"""The monolithic engine: add_request / step / generate, as in vLLM's LLMEngine.
+
+`step()` reads as three lines: schedule, run the model, postprocess (sample, append, stop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afd_compile.config import EngineConfig
+from afd_compile.engine.model_runner import ModelRunner
+from afd_compile.engine.sampler import Sampler
+from afd_compile.engine.sampling_params import SamplingParams
+from afd_compile.engine.scheduler import ScheduledBatch, Scheduler
+from afd_compile.engine.sequence import Sequence
+from afd_compile.errors import AfdError
+from afd_compile.model.loader import load_model, load_tokenizer
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[dict] | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, model=None, tokenizer=None):
+        self.config = config = config or EngineConfig()
+        self.tokenizer = tokenizer or load_tokenizer(config.model)
+        self.model = model or load_model(config.model, dtype=config.torch_dtype, device=config.device)
+        self.max_model_len = config.resolve_max_model_len(self.model.cfg)
+        self.runner = ModelRunner(self.model, config, self.max_model_len)
+        eos = self.model.cfg.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos_ids, self.max_model_len)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Sequence] = {}
+
+    # ---- requests
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise AfdError(f"the tokenizer of {self.config.model} has no chat template")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise AfdError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise AfdError(f"the prompt has {len(ids)} tokens, but this model's context length is "
+                           f"{self.max_model_len} (prompt plus at least one generated token must fit)")
+        vocab = self.model.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise AfdError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(ids, params or SamplingParams())
+        if request_id is not None:
+            seq.request_id = request_id
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    # ---- the step
+    def step(self) -> list[Sequence]:
+        """Runs one prefill or decode step; returns the sequences that got a new token."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self._run(batch)
+        return self._postprocess(batch, logits)
+
+    def _run(self, batch: ScheduledBatch):
+        if batch.is_prefill:
+            return self.runner.prefill(batch.seqs, batch.chunk_lens)
+        return self.runner.decode(batch.seqs)
+
+    def _postprocess(self, batch: ScheduledBatch, logits) -> list[Sequence]:
+        if batch.is_prefill:
+            for seq, n in zip(batch.seqs, batch.chunk_lens):
+                seq.num_computed += n
+            done = [i for i, s in enumerate(batch.seqs) if not s.is_prefill]  # whole prompt now cached
+            seqs, logits = [batch.seqs[i] for i in done], logits[done]
+        else:
+            seqs = batch.seqs
+            for seq in seqs:
+                seq.num_computed = len(seq)
+        sampled = self.sampler(logits, seqs)
+        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+            self.scheduler.append_token(seq, token)
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+            self._detokenize(seq)
+            if seq.finished:
+                self.requests.pop(seq.request_id, None)
+        return seqs
+
+    def _detokenize(self, seq: Sequence) -> None:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        for stop in seq.params.stop:
+            cut = text.find(stop)
+            if cut != -1:
+                text = text[:cut]
+                if not seq.finished:
+                    self.scheduler.finish(seq, "stop")
+        seq.output_text = text
+
+    # ---- offline batch API
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        while self.scheduler.has_work():
+            self.step()
+        return [Completion(s.request_id, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason,
+                           s.output_logprobs or None) for s in seqs]

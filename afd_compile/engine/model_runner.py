@@ -1,0 +1,63 @@
+"""Prepares model inputs from scheduled sequences and runs the model.
+
+Prefill runs eagerly over a right-padded [B, L] batch (shapes vary with every prompt).
+Decode is one token per sequence, padded up to a batch bucket so each bucket is compiled
+exactly once (torch.compile, inductor, static shapes) and then replayed; padded rows use the
+cache's scratch slot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+
+from afd_compile.config import EngineConfig
+from afd_compile.engine.sequence import Sequence
+from afd_compile.model.decoder import DeepseekV2
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV2, config: EngineConfig, max_model_len: int):
+        self.model, self.config, self.max_model_len = model, config, max_model_len
+        model.setup_caches(config.max_num_seqs, max_model_len)
+        self.scratch = model.scratch_slot
+        if config.enforce_eager:
+            self.decode_fn = model
+        else:
+            # One specialisation per bucket; dynamo's default limit (8) would fall back to eager
+            # with more buckets than that.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       len(config.batch_buckets) + 1)
+            self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:
+        """Computes chunk_lens[i] uncached prompt tokens of each sequence; logits [B, vocab] of each
+        chunk's last token (meaningful only where the chunk completes the prompt)."""
+        B, L = len(seqs), max(chunk_lens)
+        tokens = torch.zeros(B, L, dtype=torch.long)
+        positions = torch.zeros(B, L, dtype=torch.long)
+        write_slots = torch.full((B, L), self.scratch, dtype=torch.long)
+        for i, (seq, n) in enumerate(zip(seqs, chunk_lens)):
+            start = seq.num_computed
+            tokens[i, :n] = torch.tensor(seq.prompt_token_ids[start : start + n])
+            positions[i, :n] = torch.arange(start, start + n)
+            write_slots[i, :n] = seq.slot
+        read_slots = torch.tensor([s.slot for s in seqs])
+        last_idx = torch.tensor(chunk_lens) - 1
+        n_ctx = max(s.num_computed + n for s, n in zip(seqs, chunk_lens))
+        return self.model(tokens, positions, write_slots, read_slots, last_idx, n_ctx)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One new token per running sequence; logits [len(seqs), vocab]."""
+        n, B = len(seqs), self.config.bucket(len(seqs))
+        tokens = torch.zeros(B, 1, dtype=torch.long)
+        positions = torch.zeros(B, 1, dtype=torch.long)
+        slots = torch.full((B,), self.scratch, dtype=torch.long)
+        tokens[:n, 0] = torch.tensor([s.token_ids[-1] for s in seqs])
+        positions[:n, 0] = torch.tensor([len(s) - 1 for s in seqs])
+        slots[:n] = torch.tensor([s.slot for s in seqs])
+        logits = self.decode_fn(tokens, positions, slots.unsqueeze(1), slots, torch.zeros(B, dtype=torch.long),
+                                self.max_model_len)
+        return logits[:n]

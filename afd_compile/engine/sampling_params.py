@@ -1,0 +1,50 @@
+"""Per-request sampling parameters, with the names and defaults of vLLM's SamplingParams."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from afd_compile.errors import AfdError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = all tokens
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs to return per token; 0 = only the chosen one
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self._check(self.temperature >= 0, "temperature", "must be >= 0")
+        self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._check(self.top_k >= -1, "top_k", "must be -1 (disabled), 0 (disabled) or positive")
+        self._check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        self._check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
+        self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        self._check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
+        self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+
+    def _check(self, ok: bool, name: str, rule: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise AfdError(f"{name}={value!r} is invalid: {rule}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
