@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 
@@ -17,6 +19,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 2048))")
     p.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots: most sequences at once")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
@@ -32,6 +35,57 @@ def _sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed")
+
+
+def _sampling_argv(args) -> list[str]:
+    """The sampling flags of this invocation, to pass on to child ranks."""
+    out = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in SAMPLING_FLAGS
+           if getattr(args, name) is not None]
+    return out + [f"--stop={s}" for s in args.stop]
+
+
+def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
+    p.add_argument("--afd-size", default=None, help="xAyF: x attention ranks, y FFN ranks (e.g. 2A2F)")
+    if with_role:
+        p.add_argument("--role", default=None, help="run only this role here: attention (attn) or ffn")
+    p.add_argument("--rank", type=int, default=None, help="run only this rank of the role here")
+    p.add_argument("--micro-batches", type=int, default=1, help="ping-pong micro-batches per step")
+    p.add_argument("--connector", default="gloo", help="attention<->FFN transport: gloo")
+    p.add_argument("--connector-timeout", type=float, default=60.0,
+                   help="seconds any rendezvous or connector wait may take before it is an error")
+    p.add_argument("--ep-dispatch", default="sort", help="FFN expert parallelism: sort or deepspeed")
+    p.add_argument("--trace", default=None, help="write a Chrome trace (Perfetto) of the AFD timeline here")
+    p.add_argument("--additional-config", default=None,
+                   help='vLLM-AFD form, e.g. \'{"role": "ffn", "afd_size": "2A2F"}\'')
+
+
+def _apply_additional_config(args) -> None:
+    if not args.additional_config:
+        return
+    try:
+        extra = json.loads(args.additional_config)
+    except json.JSONDecodeError as e:
+        raise AfdError(f"--additional-config is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise AfdError("--additional-config must be a JSON object, e.g. {\"role\": \"ffn\", \"afd_size\": \"2A2F\"}")
+    unknown = set(extra) - {"role", "afd_size", "rank", "micro_batches"}
+    if unknown:
+        raise AfdError(f"--additional-config: unknown keys {sorted(unknown)}; accepted: role, afd_size, rank, "
+                       "micro_batches")
+    for key, value in extra.items():
+        setattr(args, key, value)
+
+
+def _afd_config(args, role: str, rank: int):
+    from afd_compile.config import AFDConfig
+
+    return AFDConfig(afd_size=args.afd_size, role=role, rank=rank, micro_batches=args.micro_batches,
+                     connector=args.connector, timeout_s=args.connector_timeout, ep_dispatch=args.ep_dispatch,
+                     trace=args.trace)
+
+
 def _sampling_params(args):
     from afd_compile.engine import SamplingParams
 
@@ -41,16 +95,39 @@ def _sampling_params(args):
                           stop=args.stop)
 
 
-def _engine(args):
+def _engine_config(args):
     from afd_compile.config import EngineConfig
+
+    return EngineConfig(model=args.model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, dtype=args.dtype)
+
+
+def _engine(args):
     from afd_compile.engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=args.model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                                  max_num_seqs=args.max_num_seqs, dtype=args.dtype))
+    return LLMEngine(_engine_config(args))
 
 
 def cmd_generate(args) -> None:
+    _apply_additional_config(args)
     params = _sampling_params(args)
+    if args.afd_size is not None:
+        from afd_compile.topology import parse_role
+
+        if args.role is None:
+            from afd_compile.roles.generate import launch_generate
+
+            _afd_config(args, "attention", 0)  # validate before starting anything
+            for text in launch_generate(args, _sampling_argv(args)):
+                print(text.strip() if args.chat else text, flush=True)
+            return
+        if parse_role(args.role) != "attention":
+            raise AfdError("afd generate runs attention ranks; start FFN ranks with `afd ffn`")
+        from afd_compile.roles.generate import attention_rank_generate
+
+        afd = _afd_config(args, "attention", args.rank or 0)
+        attention_rank_generate(_engine_config(args), afd, args.prompt, params, args.chat)
+        return
     engine = _engine(args)
     prompts = [engine.encode_chat([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
     for completion in engine.generate(prompts, params):
@@ -61,6 +138,7 @@ def cmd_chat(args) -> None:
     params = _sampling_params(args)
     engine = _engine(args)
     messages = []
+    hold = max((len(s) for s in params.stop), default=1) - 1
     print("afd chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -79,10 +157,37 @@ def cmd_chat(args) -> None:
         shown = ""
         while not seq.finished:
             engine.step()
-            print(seq.output_text[len(shown):], end="", flush=True)
-            shown = seq.output_text
+            # Hold back the tail a stop string could still start in (as vLLM's detokenizer does):
+            # a match would cut it from the text after it was printed.
+            visible = seq.output_text if seq.finished else seq.output_text[: len(seq.output_text) - hold]
+            print(visible[len(shown):], end="", flush=True)
+            shown = visible
         print()
         messages.append({"role": "assistant", "content": seq.output_text.strip()})
+
+
+def cmd_ffn(args) -> None:
+    _apply_additional_config(args)
+    if args.afd_size is None:
+        raise AfdError("afd ffn needs --afd-size xAyF (or --additional-config '{\"afd_size\": \"2A2F\"}')")
+    if getattr(args, "role", None) not in (None, "ffn"):
+        raise AfdError(f"afd ffn runs FFN ranks, but role {args.role!r} was given")
+    from afd_compile.roles.worker import run_ffn
+
+    if args.rank is not None:
+        run_ffn(_engine_config(args), _afd_config(args, "ffn", args.rank))
+        return
+    from afd_compile.roles.generate import rank_args
+    from afd_compile.roles.launcher import Supervisor
+
+    topo = _afd_config(args, "ffn", 0).topology
+    sup = Supervisor({})
+    for j in range(topo.num_ffn):
+        sup.start(f"ffn {j}", rank_args(args, "ffn", j))
+    try:
+        sup.wait()
+    except KeyboardInterrupt:
+        sup.stop()
 
 
 def cmd_bench(args) -> None:
@@ -99,8 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _sampling_args(p, default_max_tokens=32)
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message with the chat template")
+    _afd_args(p, with_role=True)
     p.add_argument("prompt", nargs="+")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ffn", help="start FFN ranks (all of --afd-size here, or only --rank)")
+    _engine_args(p)
+    _afd_args(p, with_role=False)
+    p.set_defaults(func=cmd_ffn)
 
     p = sub.add_parser("chat", help="interactive chat with the model")
     _engine_args(p)
@@ -112,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", choices=["monolithic"], required=True)
     p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated decode batch sizes")
     p.add_argument("--steps", type=int, default=32, help="decode steps measured per configuration")
+    p.add_argument("--backends", default="compiled,eager,transformers",
+                   help="comma-separated backends to measure: compiled, eager, transformers")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")
     p.set_defaults(func=cmd_bench)
     return ap
@@ -120,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except AfdError as e:

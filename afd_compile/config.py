@@ -57,3 +57,31 @@ class EngineConfig:
     def bucket(self, batch_size: int) -> int:
         """Smallest compiled batch size that holds batch_size rows."""
         return next(b for b in self.batch_buckets if b >= batch_size)
+
+
+@dataclass
+class AFDConfig:
+    """Where this process sits in an AFD deployment (None afd_size: monolithic)."""
+
+    afd_size: str
+    role: str = "attention"
+    rank: int = 0
+    micro_batches: int = 1
+    connector: str = "gloo"
+    timeout_s: float = 60.0  # rendezvous and every connector wait
+    ep_dispatch: str = "sort"  # FFN expert parallelism: "sort" (moe_kernels) or "deepspeed"
+    trace: str | None = None  # write this rank's Chrome trace here on exit
+
+    def __post_init__(self):
+        from afd_compile.model.ffn_half import EP_DISPATCH
+        from afd_compile.topology import Topology, parse_role
+
+        self.topology = Topology.parse(self.afd_size)
+        self.role = parse_role(self.role)
+        self.topology.global_rank(self.role, self.rank)  # validates the rank
+        if self.micro_batches < 1:
+            raise AfdError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.timeout_s <= 0:
+            raise AfdError(f"timeout must be positive, got {self.timeout_s}")
+        if self.ep_dispatch not in EP_DISPATCH:
+            raise AfdError(f"ep_dispatch {self.ep_dispatch!r} is not one of {', '.join(EP_DISPATCH)}")

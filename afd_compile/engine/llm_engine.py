@@ -28,12 +28,14 @@ class Completion:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig | None = None, model=None, tokenizer=None, runner_factory=None):
+        """runner_factory(model, max_model_len) builds the model runner; default: the monolithic
+        ModelRunner. The AFD attention role passes one that talks to the FFN ranks."""
         self.config = config = config or EngineConfig()
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self.model = model or load_model(config.model, dtype=config.torch_dtype, device=config.device)
         self.max_model_len = config.resolve_max_model_len(self.model.cfg)
-        self.runner = ModelRunner(self.model, config, self.max_model_len)
+        self.runner = (runner_factory or (lambda m, n: ModelRunner(m, config, n)))(self.model, self.max_model_len)
         eos = self.model.cfg.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos_ids, self.max_model_len)
@@ -112,13 +114,24 @@ class LLMEngine:
                 text = text[:cut]
                 if not seq.finished:
                     self.scheduler.finish(seq, "stop")
+                else:  # as in vLLM, a stop string matched on the last allowed token wins over "length"
+                    seq.finish_reason = "stop"
         seq.output_text = text
 
     # ---- offline batch API
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        if len(params_list) != len(prompts):
+            raise AfdError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        seqs = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                seqs.append(self.add_request(p, sp))
+        except Exception:  # a bad prompt: queue none of the batch, so the engine is left as it was
+            for seq in seqs:
+                self.abort(seq.request_id)
+            raise
         while self.scheduler.has_work():
             self.step()
         return [Completion(s.request_id, s.prompt_token_ids, s.output_token_ids, s.output_text, s.finish_reason,

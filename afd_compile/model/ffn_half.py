@@ -35,6 +35,9 @@ class MoE(nn.Module):
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
+        # Set by an FFN rank with ep_size > 1: computes every expert's share for this rank's tokens
+        # (see set_expert_parallel); None means all experts are local.
+        self.ep_routed = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> (topk_weights, topk_ids) [tokens, top_k]; the gate runs in fp32."""
@@ -44,7 +47,9 @@ class MoE(nn.Module):
                               cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's experts' share of the routed output, [tokens, hidden]."""
+        """The routed experts' output, [tokens, hidden]."""
+        if self.ep_routed is not None:
+            return self.ep_routed(x)
         weights, ids = self.route(x)
         return fused_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
 
@@ -65,3 +70,26 @@ class FFNHalf(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+EP_DISPATCH = ("sort", "deepspeed")
+
+
+def set_expert_parallel(ffn_halves, ep_rank: int, ep_size: int, group, dispatch: str = "sort") -> None:
+    """Makes every MoE layer exchange tokens with the other FFN ranks of `group`.
+
+    dispatch "deepspeed": DeepSpeed-MoE's MOELayer (capacity-based, all-to-all); "sort": the
+    sort-based variable-size all-to-all of moe_kernels. Both exact.
+    """
+    from afd_compile.model.deepspeed_moe import deepspeed_routed
+    from moe_kernels.ep_dispatch import ep_fused_experts
+
+    for half in ffn_halves:
+        moe = half.mlp
+        if not half.is_moe:
+            continue
+        if dispatch == "deepspeed":
+            moe.ep_routed = deepspeed_routed(moe, ep_size, group)
+        else:
+            moe.ep_routed = (lambda m: lambda x: ep_fused_experts(
+                x, *m.route(x), m.experts.gate_up_proj, m.experts.down_proj, ep_rank, ep_size, group))(moe)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -41,15 +42,18 @@ def _model_dir(path: str | Path) -> Path:
 def load_config(path: str | Path) -> PretrainedConfig:
     path = _model_dir(path)
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        raw = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AfdError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise AfdError(f"{path / 'config.json'} must hold a JSON object, not {type(raw).__name__}")
+    model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise AfdError(f"unsupported architecture: model_type {model_type!r} in {path / 'config.json'}; "
                        f"afd-compile supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:
         raise AfdError(f"cannot read {path / 'config.json'}: {e}") from None
 
 
@@ -116,6 +120,7 @@ def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
     wanted = dict(model.state_dict())
     reader = _Reader()
     out: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[tuple[int, str]]] = {}  # stacked key -> (local expert, matrix) read into it
     todo = [(name, target) for name in files if (target := _target(name, model)) is not None]
     for name, target in tqdm(todo, desc=f"loading {path.name} ({model.part})", unit="tensor", disable=None):
         f = reader.handle(files[name])
@@ -132,7 +137,12 @@ def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
             if key not in out:
                 out[key] = torch.empty(wanted[key].shape, dtype=wanted[key].dtype)
             rows = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter), "down_proj": slice(None)}[m[2]]
-            out[key][local, rows] = f.get_tensor(name)
+            tensor, dest = f.get_tensor(name), out[key][local, rows]
+            if tensor.shape != dest.shape:
+                raise AfdError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                               f"config.json implies {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            filled.setdefault(key, set()).add((local, m[2]))
         elif target.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             moe = model.get_submodule(target.removesuffix(".experts.gate_up_proj").removesuffix(".experts.down_proj"))
             n_local = moe.experts.down_proj.shape[0]
@@ -142,6 +152,12 @@ def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
     if model.has_attention and "lm_head.weight" not in out and model.cfg.tie_word_embeddings:
         out["lm_head.weight"] = out.get("embed_tokens.weight")
     missing = sorted(set(wanted) - set(out))
+    for key, got in filled.items():  # a stacked tensor is complete only once all its experts were read
+        moe = model.get_submodule(key.removesuffix(".experts.gate_up_proj").removesuffix(".experts.down_proj"))
+        mats = ("down_proj",) if key.endswith("down_proj") else ("gate_proj", "up_proj")
+        layer = key.split(".")[1]
+        missing += [f"model.layers.{layer}.mlp.experts.{moe.first_expert + e}.{mat}.weight"
+                    for e in range(wanted[key].shape[0]) for mat in mats if (e, mat) not in got]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise AfdError(f"checkpoint in {path} lacks tensors the model needs: {shown}")
@@ -157,8 +173,10 @@ def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int
     """Builds the model on the meta device and assigns the loaded tensors: no double allocation."""
     path = _model_dir(path)
     cfg = load_config(path)
-    if cfg.n_routed_experts % ep_size:
+    if ep_size < 1 or cfg.n_routed_experts % ep_size:
         raise AfdError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the {ep_size} FFN ranks")
+    if not 0 <= ep_rank < ep_size:
+        raise AfdError(f"ep_rank={ep_rank} is out of range for ep_size={ep_size}")
     with torch.device("meta"):
         model = DeepseekV2(cfg, part, ep_rank, ep_size)
     state = load_state_dict(path, model)

@@ -1,0 +1,16 @@
+"""The seam between attention and FFN ranks: send_attn_output -> FFN -> send_ffn_output ->
+recv_ffn_output, one backend per file."""
+
+from afd_compile.connector.base import AFDConnector, Kind, StepHeader
+
+__all__ = ["AFDConnector", "Kind", "StepHeader", "make_connector"]
+
+
+def make_connector(backend: str, **kwargs) -> AFDConnector:
+    from afd_compile.errors import AfdError
+
+    if backend == "gloo":
+        from afd_compile.connector.gloo import GlooConnector
+
+        return GlooConnector(**kwargs)
+    raise AfdError(f"unknown connector backend {backend!r}: expected 'gloo'")

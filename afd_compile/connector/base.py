@@ -1,0 +1,93 @@
+"""Connector interface and the fixed-format step header.
+
+Protocol, per round, between an attention rank and the FFN rank it maps to:
+
+    attention                                   FFN
+    send_step(header)          ─────────────►   recv_step(peer)
+      kind STEP: micro-batch token counts
+      for layer, micro-batch (ping-pong order):
+        send_attn_output(h)    ─────────────►     recv_attn_output(peer)
+        recv_ffn_output()      ◄─────────────     send_ffn_output(peer, y)
+      kind IDLE: nothing follows but an ack    ◄── send_ack(peer)
+
+Hidden states travel as raw tensors; the header is a fixed-size int64 tensor. Nothing is
+pickled. Every wait has a timeout, and a dead peer is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+MAX_MICRO_BATCHES = 16
+HEADER_LEN = 3 + MAX_MICRO_BATCHES
+
+
+class Kind(enum.IntEnum):
+    STEP = 1  # hidden states of every layer follow
+    IDLE = 2  # nothing to do this round; the FFN answers with an ack
+    ACK = 3
+    SHUTDOWN = 4  # the attention rank is leaving
+
+
+@dataclass
+class StepHeader:
+    kind: Kind
+    step: int = 0
+    tokens: tuple[int, ...] = ()  # token rows per micro-batch
+
+    def to_tensor(self) -> torch.Tensor:
+        t = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        t[0], t[1], t[2] = int(self.kind), self.step, len(self.tokens)
+        t[3 : 3 + len(self.tokens)] = torch.tensor(self.tokens, dtype=torch.int64)
+        return t
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "StepHeader":
+        kind, step, m = (int(v) for v in t[:3])
+        return cls(Kind(kind), step, tuple(int(v) for v in t[3 : 3 + m]))
+
+
+class ConnectorError(RuntimeError):
+    """The peer died, hung past the timeout, or broke the protocol."""
+
+
+class AFDConnector(ABC):
+    """One rank's end of its attention<->FFN links."""
+
+    # ---- attention side (one FFN peer)
+    @abstractmethod
+    def send_step(self, header: StepHeader) -> None: ...
+
+    @abstractmethod
+    def send_attn_output(self, hidden: torch.Tensor, micro_batch: int) -> None:
+        """Starts sending [tokens, hidden] and posts the receive of its FFN output."""
+
+    @abstractmethod
+    def recv_ffn_output(self, micro_batch: int) -> torch.Tensor:
+        """Waits for the FFN output of the oldest in-flight send of this micro-batch."""
+
+    @abstractmethod
+    def recv_ack(self) -> None: ...
+
+    # ---- FFN side (several attention peers)
+    @abstractmethod
+    def recv_step(self, peer: int) -> StepHeader: ...
+
+    @abstractmethod
+    def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None: ...
+
+    @abstractmethod
+    def send_ack(self, peer: int) -> None: ...
+
+    def flush(self) -> None:
+        """Waits until every started send has completed."""
+
+    def close(self) -> None:
+        """Releases the links."""

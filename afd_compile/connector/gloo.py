@@ -1,0 +1,89 @@
+"""torch.distributed point-to-point over gloo: works across hosts, CPU tensors.
+
+Sends are asynchronous (isend) so an attention rank computes the next micro-batch while its
+previous one is in flight; the matching receive is posted at the same time. Every wait has
+the connector timeout; gloo closes the link on a timeout and fails at once when the peer's
+process is gone, so both become ConnectorError.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Kind, StepHeader
+
+_HEADER_TAG = 1 << 20  # headers and acks never match a hidden-state receive
+
+
+class GlooConnector(AFDConnector):
+    def __init__(self, peer_ranks: dict[int, int], hidden_size: int, dtype: torch.dtype, timeout_s: float,
+                 group: dist.ProcessGroup | None = None):
+        """peer_ranks: local peer index -> global rank (an attention rank has one peer: its FFN rank)."""
+        self.peers, self.hidden, self.dtype = peer_ranks, hidden_size, dtype
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.group = group
+        self._sends: list[dist.Work] = []
+        self._recvs: dict[int, deque] = {}
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:
+            raise ConnectorError(f"{what} failed (peer dead or silent for {self.timeout.total_seconds():.0f} s): "
+                                 f"{str(e).splitlines()[0]}") from None
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        self._sends.append(dist.isend(tensor.contiguous(), self.peers[peer], group=self.group, tag=tag))
+        # Completed sends are dropped as we go so the list stays short in long runs.
+        while len(self._sends) > 64 and self._sends[0].is_completed():
+            self._sends.pop(0)
+
+    def _recv(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> torch.Tensor:
+        self._wait(dist.irecv(tensor, self.peers[peer], group=self.group, tag=tag), what)
+        return tensor
+
+    # ---- attention side
+    def send_step(self, header: StepHeader) -> None:
+        self._isend(header.to_tensor(), 0, _HEADER_TAG)
+
+    def send_attn_output(self, hidden: torch.Tensor, micro_batch: int) -> None:
+        self._isend(hidden, 0, micro_batch)
+        out = torch.empty_like(hidden)
+        work = dist.irecv(out, self.peers[0], group=self.group, tag=micro_batch)
+        self._recvs.setdefault(micro_batch, deque()).append((work, out))
+
+    def recv_ffn_output(self, micro_batch: int) -> torch.Tensor:
+        work, out = self._recvs[micro_batch].popleft()
+        self._wait(work, f"receiving the FFN output of micro-batch {micro_batch}")
+        return out
+
+    def recv_ack(self) -> None:
+        header = StepHeader.from_tensor(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), 0, _HEADER_TAG,
+                                                   "waiting for the FFN rank's ack"))
+        if header.kind is not Kind.ACK:
+            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {header.kind.name}")
+
+    # ---- FFN side
+    def recv_step(self, peer: int) -> StepHeader:
+        t = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), peer, _HEADER_TAG,
+                       f"waiting for a step header from attention peer {peer}")
+        return StepHeader.from_tensor(t)
+
+    def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor:
+        out = torch.empty(tokens, self.hidden, dtype=self.dtype)
+        return self._recv(out, peer, micro_batch, f"receiving micro-batch {micro_batch} from attention peer {peer}")
+
+    def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
+        self._isend(hidden, peer, micro_batch)
+
+    def send_ack(self, peer: int) -> None:
+        self._isend(StepHeader(Kind.ACK).to_tensor(), peer, _HEADER_TAG)
+
+    def flush(self) -> None:
+        for work in self._sends:
+            self._wait(work, "sending to a peer")
+        self._sends.clear()

@@ -1,0 +1,136 @@
+"""The attention rank's model runner: embeddings, attention halves, KV cache and lm_head here;
+every layer's FFN half on the FFN ranks, reached through the connector.
+
+Same interface as engine.ModelRunner, so the scheduler, sampler and server are unchanged.
+A batch is cut into micro-batches that flow through the layers staggered (MegaScale-Infer's
+ping-pong): while the FFN ranks compute micro-batch k of layer l, this rank computes the
+attention of micro-batch k+1, and it waits for micro-batch k's FFN output only when layer
+l+1 needs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from afd_compile.config import EngineConfig
+from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Kind, StepHeader
+from afd_compile.engine.sequence import Sequence
+from afd_compile.errors import AfdError
+from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
+from afd_compile.model.decoder import DeepseekV2
+from afd_compile.trace import Tracer
+
+
+def _attention_layer(half: AttentionHalf, h: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+    return half(h, inp)
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, L]
+    inp: AttentionInputs
+    last_idx: torch.Tensor  # [b]
+    rows: int  # real (unpadded) rows
+
+
+class AFDModelRunner:
+    def __init__(self, model: DeepseekV2, config: EngineConfig, max_model_len: int, connector: AFDConnector,
+                 micro_batches: int = 1, tracer: Tracer | None = None):
+        if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
+            raise AfdError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
+        self.model, self.config, self.max_model_len = model, config, max_model_len
+        self.connector, self.micro_batches = connector, micro_batches
+        self.tracer = tracer or Tracer("attention", 0)
+        model.setup_caches(config.max_num_seqs, max_model_len)
+        self.scratch = model.scratch_slot
+        # One graph per micro-batch bucket, shared by all layers: the layer's weights are
+        # graph inputs (dynamo inlines nn.Modules), not constants baked into 60 graphs.
+        self.decode_attention = _attention_layer if config.enforce_eager else torch.compile(
+            _attention_layer, dynamic=False, fullgraph=True)
+        self.steps = itertools.count()
+
+    # ---- building micro-batches
+    def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int) -> MicroBatch:
+        """rows: (token ids, first position, slot) per sequence, padded to `width` tokens and,
+        for decode, to the row bucket; padding goes to the scratch slot."""
+        b = len(rows)
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        positions = torch.zeros(b, width, dtype=torch.long)
+        write_slots = torch.full((b, width), self.scratch, dtype=torch.long)
+        read_slots = torch.full((b,), self.scratch, dtype=torch.long)
+        last_idx = torch.zeros(b, dtype=torch.long)
+        real = 0
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            ids, start, slot = row
+            n = len(ids)
+            tokens[i, :n] = torch.tensor(ids)
+            positions[i, :n] = torch.arange(start, start + n)
+            write_slots[i, :n], read_slots[i], last_idx[i] = slot, slot, n - 1
+            real += 1
+        inp = self.model.attention_inputs(positions, write_slots, read_slots, n_ctx)
+        return MicroBatch(tokens, inp, last_idx, real)
+
+    def _split(self, n: int, bucketed: bool) -> tuple[list[range], int]:
+        size = math.ceil(n / self.micro_batches)
+        if bucketed:
+            size = self.config.bucket(size)
+        return [range(i, min(i + size, n)) for i in range(0, n, size)], size
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:
+        parts, _ = self._split(len(seqs), bucketed=False)
+        mbs = []
+        for part in parts:
+            rows = [(seqs[i].prompt_token_ids[seqs[i].num_computed : seqs[i].num_computed + chunk_lens[i]],
+                     seqs[i].num_computed, seqs[i].slot) for i in part]
+            n_ctx = max(seqs[i].num_computed + chunk_lens[i] for i in part)
+            mbs.append(self._micro_batch(rows, max(chunk_lens[i] for i in part), n_ctx))
+        return self._pipeline(mbs, _attention_layer)  # prefill shapes vary: eager
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        parts, size = self._split(len(seqs), bucketed=True)
+        mbs = []
+        for part in parts:
+            rows = [([seqs[i].token_ids[-1]], len(seqs[i]) - 1, seqs[i].slot) for i in part]
+            mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len))
+        return self._pipeline(mbs, self.decode_attention)
+
+    # ---- the ping-pong pipeline
+    def _pipeline(self, mbs: list[MicroBatch], attention) -> torch.Tensor:
+        step = next(self.steps)
+        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.tokens.numel() for mb in mbs)))
+        model, trace = self.model, self.tracer
+        hs = [model.embed_tokens(mb.tokens) for mb in mbs]
+        for layer, half in enumerate(model.attention_halves):
+            for k, mb in enumerate(mbs):
+                if layer > 0:
+                    with trace.span("wait", "attention", layer=layer - 1, micro_batch=k, step=step):
+                        hs[k] = self.connector.recv_ffn_output(k).view_as(hs[k])
+                with trace.span("attention", "attention", layer=layer, micro_batch=k, step=step):
+                    hs[k] = attention(half, hs[k], mb.inp)
+                with trace.span("send", "attention", layer=layer, micro_batch=k, step=step):
+                    self.connector.send_attn_output(hs[k].flatten(0, 1), k)
+        logits = []
+        for k, mb in enumerate(mbs):
+            with trace.span("wait", "attention", layer=len(model.attention_halves) - 1, micro_batch=k, step=step):
+                h = self.connector.recv_ffn_output(k).view_as(hs[k])
+            logits.append(model.logits(h, mb.last_idx)[: mb.rows])
+        self.connector.flush()
+        return torch.cat(logits)
+
+    # ---- between steps
+    def idle(self) -> None:
+        """Tells the FFN ranks this rank has nothing this round and waits for their ack."""
+        self.connector.send_step(StepHeader(Kind.IDLE))
+        self.connector.recv_ack()
+
+    def shutdown(self) -> None:
+        self.connector.send_step(StepHeader(Kind.SHUTDOWN))
+        self.connector.flush()

@@ -1,0 +1,82 @@
+"""The FFN rank's loop: receive attention outputs, run FFN halves, send them back.
+
+Each round it reads one header from every attention peer. Peers with a STEP send their
+hidden states layer by layer, micro-batch by micro-batch, in the ping-pong order the
+attention side uses; the FFN ranks agree (one all-reduce) on how many micro-batches the
+round has, so the expert-parallel all-to-alls of every layer line up even on a rank whose
+peers are idle. Idle peers get an ack at the end of the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from afd_compile.connector.base import AFDConnector, Kind
+from afd_compile.model.decoder import DeepseekV2
+from afd_compile.roles.rendezvous import World
+from afd_compile.trace import Tracer
+
+log = logging.getLogger("afd.ffn")
+
+IDLE_BACKOFF_S = (0.0005, 0.02)  # an all-idle round waits this long, doubling up to the max
+
+
+class FFNWorker:
+    def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None):
+        self.model, self.world, self.connector = model, world, connector
+        self.peers = list(range(len(world.topology.attention_peers(world.rank))))
+        self.tracer = tracer or Tracer(f"ffn {world.rank}", world.global_rank)
+        self.hidden = model.cfg.hidden_size
+        self.dtype = next(model.parameters()).dtype
+
+    def _round_micro_batches(self, local: int) -> int:
+        if self.world.topology.num_ffn == 1:
+            return local
+        m = torch.tensor([local])
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.world.ffn_group)
+        return int(m)
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        active = set(self.peers)
+        idle_wait = IDLE_BACKOFF_S[0]
+        log.info("ffn rank %d ready: serves attention ranks %s", self.world.rank,
+                 self.world.topology.attention_peers(self.world.rank))
+        while active or self.world.topology.num_ffn > 1:
+            headers = {p: self.connector.recv_step(p) for p in sorted(active)}
+            for p, h in headers.items():
+                if h.kind is Kind.SHUTDOWN:
+                    active.discard(p)
+            steps = {p: h.tokens for p, h in headers.items() if h.kind is Kind.STEP}
+            m = self._round_micro_batches(max((len(t) for t in steps.values()), default=0)
+                                          if active else -1)
+            if m < 0:  # every FFN rank has lost all its peers
+                break
+            if m == 0:
+                time.sleep(idle_wait)
+                idle_wait = min(idle_wait * 2, IDLE_BACKOFF_S[1])
+            else:
+                idle_wait = IDLE_BACKOFF_S[0]
+                self._run_round(steps, m, next(iter(headers.values())).step if headers else 0)
+            for p, h in headers.items():
+                if h.kind is Kind.IDLE:
+                    self.connector.send_ack(p)
+            self.connector.flush()
+        log.info("ffn rank %d: all attention peers left; exiting", self.world.rank)
+
+    def _run_round(self, steps: dict[int, tuple[int, ...]], m: int, step: int) -> None:
+        for layer, ffn_half in enumerate(self.model.ffn_halves):
+            for k in range(m):
+                with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
+                    parts = [(p, self.connector.recv_attn_output(p, t[k], k))
+                             for p, t in steps.items() if k < len(t) and t[k] > 0]
+                x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype)
+                with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
+                    y = ffn_half(x)
+                with self.tracer.span("send", "ffn", layer=layer, micro_batch=k, step=step):
+                    for (p, part), out in zip(parts, y.split([x.shape[0] for _, x in parts])):
+                        self.connector.send_ffn_output(p, out, k)

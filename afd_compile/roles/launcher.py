@@ -1,0 +1,87 @@
+"""Starts ranks as supervised child processes on one host.
+
+Children get argument lists (never shell strings) and their own MASTER_ADDR/MASTER_PORT.
+Their output is relayed line by line with a `[role rank]` prefix. If one child fails, the
+others are stopped and the failure is reported with the child's last log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from afd_compile.errors import AfdError
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    tail: deque = field(default_factory=lambda: deque(maxlen=20))
+    stdout_lines: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, env: dict[str, str], relay_logs: bool = True, capture_stdout: tuple[str, ...] = ()):
+        self.env = {**os.environ, **env}
+        self.children: list[Child] = []
+        self.relay_logs = relay_logs
+        self.capture_stdout = capture_stdout  # children whose stdout is data, not log
+
+    def start(self, name: str, args: list[str]) -> Child:
+        child = Child(name, [sys.executable, "-m", "afd_compile.cli", *args])
+        child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, bufsize=1)
+        child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
+                       threading.Thread(target=self._pump, args=(child, child.proc.stdout, name in self.capture_stdout),
+                                        daemon=True)]
+        for pump in child.pumps:
+            pump.start()
+        self.children.append(child)
+        return child
+
+    def _pump(self, child: Child, stream, is_data: bool) -> None:
+        for line in stream:
+            if is_data:
+                child.stdout_lines.append(line)
+                continue
+            child.tail.append(line.rstrip())
+            if self.relay_logs:
+                print(f"[{child.name}] {line}", end="", file=sys.stderr, flush=True)
+
+    def wait(self, names: list[str] | None = None, poll_s: float = 0.05) -> None:
+        """Waits until the named children (default: all) exit 0; any failure stops everyone."""
+        waiting = [c for c in self.children if names is None or c.name in names]
+        while True:
+            for child in self.children:
+                rc = child.proc.poll()
+                if rc not in (None, 0):
+                    self.stop()
+                    tail = " | ".join(list(child.tail)[-3:]) or "no output"
+                    raise AfdError(f"{child.name} exited with code {rc}: {tail}")
+            if all(c.proc.poll() == 0 for c in waiting):
+                for c in waiting:
+                    for pump in c.pumps:
+                        pump.join()
+                return
+            time.sleep(poll_s)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()

@@ -1,0 +1,69 @@
+"""Start-up of one AFD rank: validate, load only this rank's weights, join the world, wire
+the connector, then run (FFN) or hand back an engine (attention)."""
+
+from __future__ import annotations
+
+import logging
+
+from afd_compile.config import AFDConfig, EngineConfig
+from afd_compile.connector import make_connector
+from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.model.ffn_half import set_expert_parallel
+from afd_compile.model.loader import load_config, load_model
+from afd_compile.roles import rendezvous
+from afd_compile.roles.attention import AFDModelRunner
+from afd_compile.roles.ffn import FFNWorker
+from afd_compile.trace import Tracer
+
+log = logging.getLogger("afd")
+
+
+def _check(engine_cfg: EngineConfig, afd: AFDConfig):
+    hf = load_config(engine_cfg.model)
+    afd.topology.check_experts(hf.n_routed_experts)
+    return hf
+
+
+def _connector(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
+    topo = afd.topology
+    if afd.role == "attention":
+        peers = {0: topo.global_rank("ffn", topo.ffn_of(afd.rank))}
+    else:
+        peers = {i: topo.global_rank("attention", a) for i, a in enumerate(topo.attention_peers(afd.rank))}
+    return make_connector(afd.connector, peer_ranks=peers, hidden_size=hf.hidden_size,
+                          dtype=engine_cfg.torch_dtype, timeout_s=afd.timeout_s)
+
+
+def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> None:
+    hf = _check(engine_cfg, afd)
+    topo = afd.topology
+    model = load_model(engine_cfg.model, part="ffn", ep_rank=afd.rank, ep_size=topo.num_ffn,
+                       dtype=engine_cfg.torch_dtype, device=engine_cfg.device)
+    log.info("ffn rank %d of %s: experts %d..%d of %d, mapping %s", afd.rank, topo,
+             afd.rank * hf.n_routed_experts // topo.num_ffn, (afd.rank + 1) * hf.n_routed_experts // topo.num_ffn - 1,
+             hf.n_routed_experts, topo.describe())
+    world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s)
+    tracer = Tracer(f"ffn {afd.rank}", world.global_rank, enabled=afd.trace is not None)
+    try:
+        if topo.num_ffn > 1:
+            set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
+        FFNWorker(model, world, _connector(afd, world, hf, engine_cfg), tracer).run()
+    finally:
+        if afd.trace:
+            tracer.save(afd.trace)
+        rendezvous.leave()
+
+
+def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngine, Tracer]:
+    """Joins as an attention rank and returns its engine; call engine.runner.shutdown() when done."""
+    hf = _check(engine_cfg, afd)
+    topo = afd.topology
+    model = load_model(engine_cfg.model, part="attention", dtype=engine_cfg.torch_dtype, device=engine_cfg.device)
+    log.info("attention rank %d of %s: sends to ffn rank %d, %d micro-batch(es), connector %s", afd.rank, topo,
+             topo.ffn_of(afd.rank), afd.micro_batches, afd.connector)
+    world = rendezvous.join(topo, "attention", afd.rank, afd.timeout_s)
+    tracer = Tracer(f"attention {afd.rank}", world.global_rank, enabled=afd.trace is not None)
+    connector = _connector(afd, world, hf, engine_cfg)
+    engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
+        m, engine_cfg, n, connector, afd.micro_batches, tracer))
+    return engine, tracer
