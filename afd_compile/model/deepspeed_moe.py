@@ -18,8 +18,13 @@ from moe_kernels import select_experts
 def init_deepspeed_comm() -> None:
     """deepspeed.comm wraps the torch.distributed world the roles already joined."""
     import deepspeed.comm as ds_comm
+    import deepspeed.ops
 
     if not ds_comm.is_initialized():
+        # On CPU, DeepSpeed's init JIT-compiles a shared-memory all-reduce extension (a C++
+        # toolchain and minutes per rank). Expert parallelism needs only all_to_all_single,
+        # which gloo provides, so that extension is marked unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 
 

@@ -34,7 +34,8 @@ def _connector(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
                           dtype=engine_cfg.torch_dtype, timeout_s=afd.timeout_s)
 
 
-def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> None:
+def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
+    """Serves until every attention rank has left; returns the number of parameters this rank held."""
     hf = _check(engine_cfg, afd)
     topo = afd.topology
     model = load_model(engine_cfg.model, part="ffn", ep_rank=afd.rank, ep_size=topo.num_ffn,
@@ -48,6 +49,7 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> None:
         if topo.num_ffn > 1:
             set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
         FFNWorker(model, world, _connector(afd, world, hf, engine_cfg), tracer).run()
+        return sum(p.numel() for p in model.parameters())
     finally:
         if afd.trace:
             tracer.save(afd.trace)

@@ -1,0 +1,80 @@
+"""Runs a whole AFD deployment inside the test process's children.
+
+The ranks are forked from the test process, which has already imported torch and
+transformers, so a topology starts in about a second instead of paying every import per rank
+(the CLI path, `afd generate --afd-size`, is tested separately with real subprocesses).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+
+import torch
+
+from afd_compile.config import AFDConfig, EngineConfig
+from afd_compile.engine import SamplingParams
+from afd_compile.roles.rendezvous import free_port
+
+
+def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict, prompts, params, port: int,
+               results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        afd = AFDConfig(role=role, rank=rank, **afd_kwargs)
+        if role == "ffn":
+            from afd_compile.roles.worker import run_ffn
+
+            results.put((role, rank, {"params": run_ffn(engine_cfg, afd)}))
+            return
+        from afd_compile.roles.rendezvous import leave
+        from afd_compile.roles.worker import attention_engine
+
+        engine, _ = attention_engine(engine_cfg, afd)
+        mine = list(range(rank, len(prompts), afd.topology.num_attention))
+        outs = engine.generate([prompts[i] for i in mine], params) if mine else []
+        param_counts = sum(p.numel() for p in engine.model.parameters())
+        engine.runner.shutdown()
+        leave()
+        results.put((role, rank, {"tokens": {i: o.token_ids for i, o in zip(mine, outs)}, "params": param_counts}))
+    except BaseException:
+        results.put((role, rank, {"error": traceback.format_exc()}))
+
+
+def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, micro_batches: int = 1,
+            timeout_s: float = 240, **afd_kwargs) -> dict:
+    """Greedy AFD generation: returns {"tokens": [token ids per prompt], "params": {(role, rank): count}}."""
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    engine_cfg = EngineConfig(model=model_dir, enforce_eager=afd_kwargs.pop("enforce_eager", True),
+                              max_num_seqs=afd_kwargs.pop("max_num_seqs", 8),
+                              max_model_len=afd_kwargs.pop("max_model_len", 96),
+                              batch_buckets=afd_kwargs.pop("batch_buckets", (1, 2, 4, 8)))
+    afd = dict(afd_size=afd_size, micro_batches=micro_batches, timeout_s=afd_kwargs.pop("connector_timeout", 60),
+               **afd_kwargs)
+    topo = AFDConfig(**afd).topology
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(role, r, engine_cfg, afd, prompts, params, port, results))
+             for role in ("ffn", "attention") for r in range(topo.num_ranks(role))]
+    for p in procs:
+        p.start()
+    collected = {}
+    try:
+        for _ in procs:
+            role, rank, payload = results.get(timeout=timeout_s)
+            if payload and "error" in payload:
+                raise AssertionError(f"{role} rank {rank} failed:\n{payload['error']}")
+            collected[(role, rank)] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    tokens = {}
+    for (role, _), payload in collected.items():
+        if role == "attention":
+            tokens.update(payload["tokens"])
+    return {"tokens": [tokens[i] for i in range(len(prompts))],
+            "params": {k: v["params"] for k, v in collected.items()}}
