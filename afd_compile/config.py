@@ -83,5 +83,9 @@ class AFDConfig:
             raise AfdError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.timeout_s <= 0:
             raise AfdError(f"timeout must be positive, got {self.timeout_s}")
+        from afd_compile.connector import BACKENDS
+
+        if self.connector not in BACKENDS:
+            raise AfdError(f"connector {self.connector!r} is not one of {', '.join(BACKENDS)}")
         if self.ep_dispatch not in EP_DISPATCH:
             raise AfdError(f"ep_dispatch {self.ep_dispatch!r} is not one of {', '.join(EP_DISPATCH)}")

@@ -14,9 +14,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 5, 8, 10, 12, 14, 16, 6], [1, 5, 300, 310, 6], [1, 5, 70, 60, 50, 40, 30, 20, 10, 6],
            [1, 5, 999, 6], [1, 5, 4, 8, 12, 16, 20, 6]]
 
-# The default run covers every topology with m = 1..3 spread over them; the full product is slow.
-FAST = [("1A1F", 1), ("1A1F", 2), ("1A2F", 2), ("2A1F", 3), ("2A2F", 2), ("3A2F", 3)]
-FULL = [(t, m) for t in ("1A1F", "1A2F", "2A1F", "2A2F", "3A2F") for m in (1, 2, 3)]
+# The default run covers every topology, m = 1..3 and both connectors spread over them; the
+# full product is marked slow.
+FAST = [("1A1F", 1, "gloo"), ("1A1F", 2, "shm"), ("1A2F", 2, "gloo"), ("2A1F", 3, "shm"), ("2A2F", 2, "gloo"),
+        ("2A2F", 2, "shm"), ("3A2F", 3, "shm")]
+FULL = [(t, m, c) for t in ("1A1F", "1A2F", "2A1F", "2A2F", "3A2F") for m in (1, 2, 3) for c in ("gloo", "shm")]
+IDS = lambda cases: [f"{t}-m{m}-{c}" for t, m, c in cases]  # noqa: E731
 
 
 def monolithic_tokens(model_dir) -> list[list[int]]:
@@ -29,28 +32,35 @@ def tiny_reference(tiny_greedy_checkpoint):
     return tiny_greedy_checkpoint, monolithic_tokens(tiny_greedy_checkpoint)
 
 
-@pytest.mark.parametrize("afd_size,m", FAST, ids=[f"{t}-m{m}" for t, m in FAST])
-def test_afd_matches_monolithic_tiny(tiny_reference, afd_size, m):
+@pytest.mark.parametrize("afd_size,m,connector", FAST, ids=IDS(FAST))
+def test_afd_matches_monolithic_tiny(tiny_reference, afd_size, m, connector):
     model_dir, expected = tiny_reference
-    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m)["tokens"] == expected
+    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("afd_size,m", FULL, ids=[f"{t}-m{m}" for t, m in FULL])
-def test_afd_matches_monolithic_tiny_full(tiny_reference, afd_size, m):
+@pytest.mark.parametrize("afd_size,m,connector", FULL, ids=IDS(FULL))
+def test_afd_matches_monolithic_tiny_full(tiny_reference, afd_size, m, connector):
     model_dir, expected = tiny_reference
-    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m)["tokens"] == expected
+    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
 
 
-@pytest.mark.parametrize("afd_size,m", [("2A2F", 2)])
-def test_afd_matches_monolithic_shipped(shipped_model, afd_size, m):
-    assert run_afd(shipped_model, afd_size, PROMPTS, GREEDY, micro_batches=m)["tokens"] == monolithic_tokens(shipped_model)
+@pytest.fixture(scope="module")
+def shipped_reference(shipped_model):
+    return shipped_model, monolithic_tokens(shipped_model)
+
+
+@pytest.mark.parametrize("afd_size,m,connector", [("2A2F", 2, "shm")], ids=IDS([("2A2F", 2, "shm")]))
+def test_afd_matches_monolithic_shipped(shipped_reference, afd_size, m, connector):
+    model_dir, expected = shipped_reference
+    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("afd_size,m", FULL, ids=[f"{t}-m{m}" for t, m in FULL])
-def test_afd_matches_monolithic_shipped_full(shipped_model, afd_size, m):
-    assert run_afd(shipped_model, afd_size, PROMPTS, GREEDY, micro_batches=m)["tokens"] == monolithic_tokens(shipped_model)
+@pytest.mark.parametrize("afd_size,m,connector", FULL, ids=IDS(FULL))
+def test_afd_matches_monolithic_shipped_full(shipped_reference, afd_size, m, connector):
+    model_dir, expected = shipped_reference
+    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
 
 
 @pytest.mark.parametrize("dispatch", ["sort", "deepspeed"])

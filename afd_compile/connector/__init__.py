@@ -3,7 +3,9 @@ recv_ffn_output, one backend per file."""
 
 from afd_compile.connector.base import AFDConnector, Kind, StepHeader
 
-__all__ = ["AFDConnector", "Kind", "StepHeader", "make_connector"]
+__all__ = ["AFDConnector", "BACKENDS", "Kind", "StepHeader", "make_connector"]
+
+BACKENDS = ("gloo", "shm")
 
 
 def make_connector(backend: str, **kwargs) -> AFDConnector:
@@ -13,4 +15,8 @@ def make_connector(backend: str, **kwargs) -> AFDConnector:
         from afd_compile.connector.gloo import GlooConnector
 
         return GlooConnector(**kwargs)
-    raise AfdError(f"unknown connector backend {backend!r}: expected 'gloo'")
+    if backend == "shm":
+        from afd_compile.connector.shm import ShmConnector
+
+        return ShmConnector(**kwargs)
+    raise AfdError(f"unknown connector backend {backend!r}: expected one of {', '.join(BACKENDS)}")

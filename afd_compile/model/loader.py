@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -67,12 +67,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise AfdError(f"cannot load the tokenizer in {str(path)!r}: {e}") from None
 
 
+def _safe_open(file: Path):
+    """safe_open, with a missing or corrupt file reported as an AfdError."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise AfdError(f"cannot read the weights file {file}: {e}") from None
+
+
 def weight_files(path: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: path / file for name, file in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise AfdError(f"{index} is not a valid safetensors index (a JSON object with a weight_map): "
+                           f"{type(e).__name__}: {e}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
@@ -83,7 +95,7 @@ def weight_files(path: Path) -> dict[str, Path]:
         raise AfdError(f"model directory {str(path)!r} has no *.safetensors weights")
     names = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             names.update((name, file) for name in f.keys())
     return names
 
@@ -111,7 +123,7 @@ class _Reader:
 
     def handle(self, file: Path):
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt")
+            self._open[file] = _safe_open(file)
         return self._open[file]
 
 

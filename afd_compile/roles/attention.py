@@ -35,6 +35,11 @@ class MicroBatch:
     inp: AttentionInputs
     last_idx: torch.Tensor  # [b]
     rows: int  # real (unpadded) rows
+    sent: torch.Tensor | None  # flat indices of the tokens sent to the FFN; None = all (decode)
+
+    @property
+    def num_sent(self) -> int:
+        return self.tokens.numel() if self.sent is None else self.sent.numel()
 
 
 class AFDModelRunner:
@@ -54,9 +59,10 @@ class AFDModelRunner:
         self.steps = itertools.count()
 
     # ---- building micro-batches
-    def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int) -> MicroBatch:
+    def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int, pack: bool) -> MicroBatch:
         """rows: (token ids, first position, slot) per sequence, padded to `width` tokens and,
-        for decode, to the row bucket; padding goes to the scratch slot."""
+        for decode, to the row bucket; padding goes to the scratch slot. `pack`: only real
+        tokens travel to the FFN (prefill); decode sends the whole static bucket."""
         b = len(rows)
         tokens = torch.zeros(b, width, dtype=torch.long)
         positions = torch.zeros(b, width, dtype=torch.long)
@@ -74,7 +80,8 @@ class AFDModelRunner:
             write_slots[i, :n], read_slots[i], last_idx[i] = slot, slot, n - 1
             real += 1
         inp = self.model.attention_inputs(positions, write_slots, read_slots, n_ctx)
-        return MicroBatch(tokens, inp, last_idx, real)
+        sent = (write_slots.flatten() != self.scratch).nonzero().squeeze(1) if pack else None
+        return MicroBatch(tokens, inp, last_idx, real, sent)
 
     def _split(self, n: int, bucketed: bool) -> tuple[list[range], int]:
         size = math.ceil(n / self.micro_batches)
@@ -90,7 +97,7 @@ class AFDModelRunner:
             rows = [(seqs[i].prompt_token_ids[seqs[i].num_computed : seqs[i].num_computed + chunk_lens[i]],
                      seqs[i].num_computed, seqs[i].slot) for i in part]
             n_ctx = max(seqs[i].num_computed + chunk_lens[i] for i in part)
-            mbs.append(self._micro_batch(rows, max(chunk_lens[i] for i in part), n_ctx))
+            mbs.append(self._micro_batch(rows, max(chunk_lens[i] for i in part), n_ctx, pack=True))
         return self._pipeline(mbs, _attention_layer)  # prefill shapes vary: eager
 
     @torch.inference_mode()
@@ -99,31 +106,39 @@ class AFDModelRunner:
         mbs = []
         for part in parts:
             rows = [([seqs[i].token_ids[-1]], len(seqs[i]) - 1, seqs[i].slot) for i in part]
-            mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len))
+            mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len, pack=False))
         return self._pipeline(mbs, self.decode_attention)
 
     # ---- the ping-pong pipeline
     def _pipeline(self, mbs: list[MicroBatch], attention) -> torch.Tensor:
         step = next(self.steps)
-        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.tokens.numel() for mb in mbs)))
+        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs)))
         model, trace = self.model, self.tracer
         hs = [model.embed_tokens(mb.tokens) for mb in mbs]
         for layer, half in enumerate(model.attention_halves):
             for k, mb in enumerate(mbs):
                 if layer > 0:
                     with trace.span("wait", "attention", layer=layer - 1, micro_batch=k, step=step):
-                        hs[k] = self.connector.recv_ffn_output(k).view_as(hs[k])
+                        hs[k] = self._receive(hs[k], mb, k)
                 with trace.span("attention", "attention", layer=layer, micro_batch=k, step=step):
                     hs[k] = attention(half, hs[k], mb.inp)
                 with trace.span("send", "attention", layer=layer, micro_batch=k, step=step):
-                    self.connector.send_attn_output(hs[k].flatten(0, 1), k)
+                    flat = hs[k].flatten(0, 1)
+                    self.connector.send_attn_output(flat if mb.sent is None else flat[mb.sent], k)
         logits = []
         for k, mb in enumerate(mbs):
             with trace.span("wait", "attention", layer=len(model.attention_halves) - 1, micro_batch=k, step=step):
-                h = self.connector.recv_ffn_output(k).view_as(hs[k])
+                h = self._receive(hs[k], mb, k)
             logits.append(model.logits(h, mb.last_idx)[: mb.rows])
         self.connector.flush()
         return torch.cat(logits)
+
+    def _receive(self, h: torch.Tensor, mb: MicroBatch, k: int) -> torch.Tensor:
+        """The FFN output of micro-batch k in h's [b, L, hidden] layout (padding rows keep h's)."""
+        out = self.connector.recv_ffn_output(k)
+        if mb.sent is None:
+            return out.view_as(h)
+        return h.flatten(0, 1).index_copy(0, mb.sent, out).view_as(h)
 
     # ---- between steps
     def idle(self) -> None:

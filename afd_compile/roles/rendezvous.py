@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -28,6 +29,8 @@ class World:
     rank: int  # rank within the role
     global_rank: int
     ffn_group: dist.ProcessGroup | None  # expert-parallel group of the FFN ranks
+    store: dist.Store  # the rendezvous key-value store, for connectors' own set-up
+    run_id: str  # unique per deployment: names shared-memory segments
 
 
 def master_address() -> tuple[str, int]:
@@ -68,10 +71,13 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float) -> World:
         raise AfdError(f"{role} rank {rank}: rendezvous at {addr}:{port} failed within {timeout_s:.0f} s "
                        f"(afd_size {topology}, are all {topology.world_size} ranks started with the same "
                        f"MASTER_ADDR/MASTER_PORT?): {first}") from None
+    if global_rank == 0:
+        store.set("afd/run_id", f"{os.getpid()}-{time.time_ns() % 10**9}")
+    run_id = store.get("afd/run_id").decode()
     ffn_ranks = [topology.global_rank("ffn", j) for j in range(topology.num_ffn)]
     # new_group is collective over the whole world: every rank creates it, FFN ranks use it.
     ffn_group = dist.new_group(ffn_ranks, backend="gloo")
-    return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None)
+    return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, run_id)
 
 
 def leave() -> None:

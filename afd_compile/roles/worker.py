@@ -26,12 +26,23 @@ def _check(engine_cfg: EngineConfig, afd: AFDConfig):
 
 def _connector(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
     topo = afd.topology
+    attention_ranks = [afd.rank] if afd.role == "attention" else topo.attention_peers(afd.rank)
+    common = dict(hidden_size=hf.hidden_size, dtype=engine_cfg.torch_dtype, timeout_s=afd.timeout_s)
+    if afd.connector == "shm":
+        is_attention = afd.role == "attention"
+        links = {i: (f"afd-{world.run_id}-a{a}", is_attention) for i, a in enumerate(attention_ranks)}
+        if not is_attention:  # the attention rank creates its link's rings
+            world.store.wait([f"afd/shm/{a}" for a in attention_ranks])
+        connector = make_connector("shm", links=links, is_attention=is_attention, max_message_tokens=max(
+            engine_cfg.max_num_batched_tokens, engine_cfg.max_num_seqs), **common)
+        if is_attention:
+            world.store.set(f"afd/shm/{afd.rank}", "ready")
+        return connector
     if afd.role == "attention":
         peers = {0: topo.global_rank("ffn", topo.ffn_of(afd.rank))}
     else:
-        peers = {i: topo.global_rank("attention", a) for i, a in enumerate(topo.attention_peers(afd.rank))}
-    return make_connector(afd.connector, peer_ranks=peers, hidden_size=hf.hidden_size,
-                          dtype=engine_cfg.torch_dtype, timeout_s=afd.timeout_s)
+        peers = {i: topo.global_rank("attention", a) for i, a in enumerate(attention_ranks)}
+    return make_connector(afd.connector, peer_ranks=peers, **common)
 
 
 def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:

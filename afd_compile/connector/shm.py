@@ -1,0 +1,160 @@
+"""Same-host connector: a single-producer single-consumer byte ring in shared memory per
+direction of each attention<->FFN link.
+
+Why not gloo on one host: every gloo message crosses the loopback TCP stack twice and a
+background thread; here a message is one memcpy into /dev/shm and one out, and the waiting
+side polls a counter (yielding the core while it waits). The ring streams a message of any
+size through its fixed capacity, so prefill batches need no special case.
+
+Ordering relies on x86-64's total store order: the writer stores the payload, then the
+aligned 8-byte head counter; the reader loads the head, then the payload. Liveness: a waiting
+side checks that the peer's pid still exists, so a dead peer is an error at once; a silent one
+after the timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from multiprocessing import resource_tracker, shared_memory
+
+import torch
+
+from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Kind, StepHeader
+
+MIN_RING_BYTES = 4 << 20
+_CTRL = 64  # head, tail, writer pid, reader pid, closed: int64 each, one cache line
+_HEAD, _TAIL, _WRITER, _READER, _CLOSED = range(5)
+_SPIN_S = 50e-6  # busy-poll this long before yielding between polls
+
+
+class Ring:
+    """One direction of a link: bytes written by one process, read by another."""
+
+    def __init__(self, name: str, create: bool, size: int):
+        if create:
+            try:  # a crashed earlier run with the same name leaves its segment behind
+                stale = shared_memory.SharedMemory(name=name)
+                stale.close(), stale.unlink()
+            except FileNotFoundError:
+                pass
+        self.shm = shared_memory.SharedMemory(name=name, create=create, size=_CTRL + size if create else 0)
+        self.size = self.shm.size - _CTRL
+        if not create:  # only the creator owns (and unlinks) the segment
+            resource_tracker.unregister(self.shm._name, "shared_memory")
+        self.creator = create
+        self.ctrl = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=_CTRL // 8)
+        self.data = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=self.size, offset=_CTRL)
+        if create:
+            self.ctrl.zero_()
+
+    def _wait(self, ready, peer_slot: int, timeout_s: float, what: str) -> None:
+        start = time.monotonic()
+        next_check = start + 0.05
+        while not ready():
+            now = time.monotonic()
+            if now - start > _SPIN_S:
+                time.sleep(0)
+            if now >= next_check:
+                next_check = now + 0.05
+                pid = int(self.ctrl[peer_slot])
+                if self.ctrl[_CLOSED] or (pid and not _alive(pid)):
+                    raise ConnectorError(f"{what}: the peer process is gone")
+                if now - start > timeout_s:
+                    raise ConnectorError(f"{what}: no data from the peer for {timeout_s:.0f} s")
+
+    def write(self, payload: torch.Tensor, timeout_s: float, what: str) -> None:
+        self.ctrl[_WRITER] = os.getpid()
+        src = payload.contiguous().view(-1).view(torch.uint8)
+        head, done, n = int(self.ctrl[_HEAD]), 0, src.numel()
+        while done < n:
+            self._wait(lambda: head - int(self.ctrl[_TAIL]) < self.size, _READER, timeout_s, what)
+            free = self.size - (head - int(self.ctrl[_TAIL]))
+            pos = head % self.size
+            chunk = min(n - done, free, self.size - pos)
+            self.data[pos : pos + chunk].copy_(src[done : done + chunk])
+            head, done = head + chunk, done + chunk
+            self.ctrl[_HEAD] = head  # publish after the bytes (x86-64 store order)
+
+    def read_into(self, out: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
+        self.ctrl[_READER] = os.getpid()
+        dst = out.view(-1).view(torch.uint8)
+        tail, done, n = int(self.ctrl[_TAIL]), 0, dst.numel()
+        while done < n:
+            self._wait(lambda: int(self.ctrl[_HEAD]) > tail, _WRITER, timeout_s, what)
+            avail = int(self.ctrl[_HEAD]) - tail
+            pos = tail % self.size
+            chunk = min(n - done, avail, self.size - pos)
+            dst[done : done + chunk].copy_(self.data[pos : pos + chunk])
+            tail, done = tail + chunk, done + chunk
+            self.ctrl[_TAIL] = tail
+        return out
+
+    def close(self) -> None:
+        self.ctrl[_CLOSED] = 1
+        del self.ctrl, self.data
+        self.shm.close()
+        if self.creator:
+            self.shm.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShmConnector(AFDConnector):
+    """links: peer index -> (segment name prefix, whether this side creates the segments)."""
+
+    def __init__(self, links: dict[int, tuple[str, bool]], hidden_size: int, dtype: torch.dtype, timeout_s: float,
+                 is_attention: bool, max_message_tokens: int):
+        self.hidden, self.dtype, self.timeout = hidden_size, dtype, timeout_s
+        # Two largest messages fit at once, so neither side can block the other with a full ring.
+        size = max(MIN_RING_BYTES, 2 * max_message_tokens * hidden_size * dtype.itemsize + 4096)
+        self.out: dict[int, Ring] = {}
+        self.inp: dict[int, Ring] = {}
+        for peer, (prefix, create) in links.items():
+            a2f, f2a = Ring(f"{prefix}-a2f", create, size), Ring(f"{prefix}-f2a", create, size)
+            self.out[peer], self.inp[peer] = (a2f, f2a) if is_attention else (f2a, a2f)
+        self._pending: dict[int, list[torch.Tensor]] = {}
+
+    # Messages on one ring are read in the order written, so micro-batch tags need no matching.
+    def send_step(self, header: StepHeader) -> None:
+        self.out[0].write(header.to_tensor(), self.timeout, "sending a step header")
+
+    def send_attn_output(self, hidden: torch.Tensor, micro_batch: int) -> None:
+        self.out[0].write(hidden, self.timeout, f"sending micro-batch {micro_batch}")
+        self._pending.setdefault(micro_batch, []).append(torch.empty_like(hidden))
+
+    def recv_ffn_output(self, micro_batch: int) -> torch.Tensor:
+        out = self._pending[micro_batch].pop(0)
+        return self.inp[0].read_into(out, self.timeout, f"receiving the FFN output of micro-batch {micro_batch}")
+
+    def recv_ack(self) -> None:
+        t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout, "waiting for an ack")
+        if StepHeader.from_tensor(t).kind is not Kind.ACK:
+            raise ConnectorError("protocol error: expected ACK from the FFN rank")
+
+    def recv_step(self, peer: int) -> StepHeader:
+        t = self.inp[peer].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout,
+                                     f"waiting for a step header from attention peer {peer}")
+        return StepHeader.from_tensor(t)
+
+    def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor:
+        return self.inp[peer].read_into(torch.empty(tokens, self.hidden, dtype=self.dtype), self.timeout,
+                                        f"receiving micro-batch {micro_batch} from attention peer {peer}")
+
+    def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
+        self.out[peer].write(hidden, self.timeout, f"sending micro-batch {micro_batch} to attention peer {peer}")
+
+    def send_ack(self, peer: int) -> None:
+        self.out[peer].write(StepHeader(Kind.ACK).to_tensor(), self.timeout, "sending an ack")
+
+    def close(self) -> None:
+        for ring in [*self.out.values(), *self.inp.values()]:
+            ring.close()
