@@ -1,0 +1,35 @@
+"""`afd generate --afd-size` through real subprocesses, with the merged Chrome trace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from afd_compile.config import EngineConfig
+from afd_compile.engine import LLMEngine, SamplingParams
+
+PROMPTS = ["1 3 5 7 9", "40 30 20", "7 14 21", "500 501 502"]  # two per attention rank
+
+
+def test_generate_2a2f_matches_monolithic_and_writes_trace(shipped_model, tmp_path):
+    trace = tmp_path / "afd.json"
+    proc = subprocess.run([sys.executable, "-m", "afd_compile.cli", "generate", "--model", str(shipped_model),
+                           "--enforce-eager", "--chat", "--max-tokens", "8", "--afd-size", "2A2F",
+                           "--micro-batches", "2", "--connector", "shm", "--trace", str(trace), *PROMPTS],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    engine = LLMEngine(EngineConfig(model=shipped_model, enforce_eager=True, max_num_seqs=4))
+    refs = engine.generate([engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS],
+                           SamplingParams(temperature=0, max_tokens=8))
+    assert proc.stdout.splitlines() == [r.text.strip() for r in refs]
+
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    by_rank = {e["pid"] for e in events}
+    assert by_rank == {0, 1, 2, 3}  # 2 attention + 2 FFN ranks on one timeline
+    names = {(e["cat"], e["name"]) for e in events}
+    assert {("attention", "attention"), ("attention", "send"), ("attention", "wait"), ("ffn", "ffn"),
+            ("ffn", "wait"), ("ffn", "send")} <= names
+    layers = {e["args"]["layer"] for e in events if e["name"] == "ffn"}
+    assert layers == set(range(4))
+    assert {e["args"]["micro_batch"] for e in events if e["name"] == "attention"} == {0, 1}
