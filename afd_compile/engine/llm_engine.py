@@ -37,7 +37,7 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.model.cfg)
         self.runner = (runner_factory or (lambda m, n: ModelRunner(m, config, n)))(self.model, self.max_model_len)
         eos = self.model.cfg.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id} - {None}
+        eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos_ids, self.max_model_len)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Sequence] = {}

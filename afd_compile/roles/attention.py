@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ class AFDModelRunner:
         self.decode_attention = _attention_layer if config.enforce_eager else torch.compile(
             _attention_layer, dynamic=False, fullgraph=True)
         self.steps = itertools.count()
+        self.wait_observer = None  # (layer, seconds) of each wait for FFN output, e.g. for /metrics
 
     # ---- building micro-batches
     def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int, pack: bool) -> MicroBatch:
@@ -119,7 +121,7 @@ class AFDModelRunner:
             for k, mb in enumerate(mbs):
                 if layer > 0:
                     with trace.span("wait", "attention", layer=layer - 1, micro_batch=k, step=step):
-                        hs[k] = self._receive(hs[k], mb, k)
+                        hs[k] = self._receive(hs[k], mb, k, layer - 1)
                 with trace.span("attention", "attention", layer=layer, micro_batch=k, step=step):
                     hs[k] = attention(half, hs[k], mb.inp)
                 with trace.span("send", "attention", layer=layer, micro_batch=k, step=step):
@@ -128,14 +130,17 @@ class AFDModelRunner:
         logits = []
         for k, mb in enumerate(mbs):
             with trace.span("wait", "attention", layer=len(model.attention_halves) - 1, micro_batch=k, step=step):
-                h = self._receive(hs[k], mb, k)
+                h = self._receive(hs[k], mb, k, len(model.attention_halves) - 1)
             logits.append(model.logits(h, mb.last_idx)[: mb.rows])
         self.connector.flush()
         return torch.cat(logits)
 
-    def _receive(self, h: torch.Tensor, mb: MicroBatch, k: int) -> torch.Tensor:
+    def _receive(self, h: torch.Tensor, mb: MicroBatch, k: int, layer: int) -> torch.Tensor:
         """The FFN output of micro-batch k in h's [b, L, hidden] layout (padding rows keep h's)."""
+        start = time.perf_counter()
         out = self.connector.recv_ffn_output(k)
+        if self.wait_observer is not None:
+            self.wait_observer(layer, time.perf_counter() - start)
         if mb.sent is None:
             return out.view_as(h)
         return h.flatten(0, 1).index_copy(0, mb.sent, out).view_as(h)
