@@ -9,6 +9,7 @@ import os
 import sys
 
 from afd_compile.errors import AfdError
+from afd_compile.topology import parse_role
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -112,8 +113,6 @@ def cmd_generate(args) -> None:
     _apply_additional_config(args)
     params = _sampling_params(args)
     if args.afd_size is not None:
-        from afd_compile.topology import parse_role
-
         if args.role is None:
             from afd_compile.roles.generate import launch_generate
 
@@ -190,6 +189,79 @@ def cmd_ffn(args) -> None:
         sup.stop()
 
 
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", default=None, help="model directory (as in `vllm serve DIR`)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="attention rank i serves on port + i")
+    p.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every endpoint but /health (env AFD_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model path)")
+
+
+def cmd_serve(args) -> None:
+    _apply_additional_config(args)
+    if args.model_tag:
+        args.model = args.model_tag
+    from afd_compile.serve.server import serve
+
+    if args.afd_size is None:
+        serve(_engine_config(args), None, args.host, args.port, args.api_key, args.served_model_name, args.log_level)
+        return
+    if args.role is not None and parse_role(args.role) != "attention":
+        raise AfdError("afd serve runs attention ranks; start FFN ranks with `afd ffn`")
+    if args.rank is not None:
+        serve(_engine_config(args), _afd_config(args, "attention", args.rank), args.host, args.port, args.api_key,
+              args.served_model_name, args.log_level)
+        return
+    _supervise(args, roles=("attention",))
+
+
+def cmd_launch(args) -> None:
+    _apply_additional_config(args)
+    if args.model_tag:
+        args.model = args.model_tag
+    if args.afd_size is None:
+        raise AfdError("afd launch needs --afd-size xAyF")
+    _supervise(args, roles=("ffn", "attention"))
+
+
+def _supervise(args, roles: tuple[str, ...]) -> None:
+    """Starts every rank of the given roles on this host and supervises them until Ctrl-C."""
+    from afd_compile.roles.generate import rank_args
+    from afd_compile.roles.launcher import Supervisor
+    from afd_compile.roles.rendezvous import free_port
+
+    topo = _afd_config(args, "attention", 0).topology
+    env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR") or os.environ.get("MASTER_IP") or "127.0.0.1",
+           "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())}
+    if args.api_key:
+        env["AFD_API_KEY"] = args.api_key  # through the environment, not the process list
+    sup = Supervisor(env)
+    server = ["--host", args.host, "--port", str(args.port)]
+    if args.served_model_name:
+        server += ["--served-model-name", args.served_model_name]
+    for role in roles:
+        for rank in range(topo.num_ranks(role)):
+            argv = rank_args(args, role, rank)
+            if role == "attention":
+                argv = ["serve", *argv[1:], *server]  # rank_args builds `generate --role attention ...`
+            sup.start(f"{role} {rank}", argv)
+    print(f"afd: {topo} starting; attention rank i serves http://{args.host}:{args.port}+i  (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    try:
+        sup.wait()
+    except KeyboardInterrupt:
+        sup.stop()
+    finally:
+        if args.trace:
+            from afd_compile.trace import merge
+
+            parts = [f"{args.trace}.{role}{rank}.json" for role in roles for rank in range(topo.num_ranks(role))]
+            existing = [p for p in parts if os.path.exists(p)]
+            if existing:
+                merge(existing, args.trace)
+
+
 def cmd_bench(args) -> None:
     from benchmarks import run_scenario
 
@@ -217,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _sampling_args(p, default_max_tokens=64)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server (monolithic, or the attention ranks of --afd-size)")
+    _engine_args(p)
+    _afd_args(p, with_role=True)
+    _server_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("launch", help="start the FFN and attention ranks of --afd-size on this host and supervise them")
+    _engine_args(p)
+    _afd_args(p, with_role=False)
+    _server_args(p)
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
     _engine_args(p)

@@ -25,7 +25,8 @@ from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError,
 MIN_RING_BYTES = 4 << 20
 _CTRL = 64  # head, tail, writer pid, reader pid, closed: int64 each, one cache line
 _HEAD, _TAIL, _WRITER, _READER, _CLOSED = range(5)
-_SPIN_S = 50e-6  # busy-poll this long before yielding between polls
+_YIELD_S = 1e-3  # poll, yielding the core, this long; then sleep a tenth of the wait so far
+_MAX_SLEEP_S = 2e-3
 
 
 class Ring:
@@ -53,8 +54,10 @@ class Ring:
         next_check = start + 0.05
         while not ready():
             now = time.monotonic()
-            if now - start > _SPIN_S:
-                time.sleep(0)
+            waited = now - start
+            # Short waits (the steady decode pipeline) stay responsive; long ones (an idle
+            # peer) cost little CPU and add at most ~10% latency.
+            time.sleep(0 if waited < _YIELD_S else min(waited / 10, _MAX_SLEEP_S))
             if now >= next_check:
                 next_check = now + 0.05
                 pid = int(self.ctrl[peer_slot])

@@ -152,5 +152,9 @@ class AFDModelRunner:
         self.connector.recv_ack()
 
     def shutdown(self) -> None:
-        self.connector.send_step(StepHeader(Kind.SHUTDOWN))
-        self.connector.flush()
+        """Tells the FFN ranks this rank is leaving, then releases the links."""
+        try:
+            self.connector.send_step(StepHeader(Kind.SHUTDOWN))
+            self.connector.flush()
+        finally:
+            self.connector.close()

@@ -7,6 +7,7 @@ others are stopped and the failure is reported with the child's last log lines.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -39,7 +40,7 @@ class Supervisor:
     def start(self, name: str, args: list[str]) -> Child:
         child = Child(name, [sys.executable, "-m", "afd_compile.cli", *args])
         child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, bufsize=1)
+                                      text=True, bufsize=1, preexec_fn=_die_with_parent)
         child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
                        threading.Thread(target=self._pump, args=(child, child.proc.stdout, name in self.capture_stdout),
                                         daemon=True)]
@@ -58,7 +59,10 @@ class Supervisor:
                 print(f"[{child.name}] {line}", end="", file=sys.stderr, flush=True)
 
     def wait(self, names: list[str] | None = None, poll_s: float = 0.05) -> None:
-        """Waits until the named children (default: all) exit 0; any failure stops everyone."""
+        """Waits until the named children (default: all) exit 0; any failure stops everyone.
+        SIGTERM to the supervisor stops the children too (and surfaces as KeyboardInterrupt)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         waiting = [c for c in self.children if names is None or c.name in names]
         while True:
             for child in self.children:
@@ -75,13 +79,23 @@ class Supervisor:
             time.sleep(poll_s)
 
     def stop(self, grace_s: float = 5.0) -> None:
-        for child in self.children:
+        """SIGTERM in reverse start order, so attention ranks say goodbye before FFN ranks go."""
+        for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in self.children:
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+                try:
+                    child.proc.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: children outlive a killed supervisor

@@ -1,0 +1,256 @@
+"""The OpenAI-compatible REST API: /v1/chat/completions, /v1/completions, /v1/models,
+/health, /metrics. Errors use OpenAI's error schema."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from afd_compile.errors import AfdError
+from afd_compile.serve.async_engine import AsyncEngine, Delta
+from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
+                                        SamplingRequest, Usage, new_id, now)
+
+log = logging.getLogger("afd.serve")
+MAX_BODY_BYTES = 1 << 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None, max_model_len: int = 0,
+              backend: str = "monolithic") -> FastAPI:
+    app = FastAPI(title="afd-compile", description="OpenAI-compatible API over Attention-FFN disaggregated MoE")
+    tokenizer = engine.engine.tokenizer
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path != "/health" and api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "invalid or missing API key", "authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}" if where else str(exc),
+                              param=where or None)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_, exc: APIError):
+        return error_response(exc.status, exc.message, exc.kind, exc.param)
+
+    def check_model(req: SamplingRequest) -> None:
+        if req.model is not None and req.model != served_model_name:
+            raise APIError(404, f"the model `{req.model}` does not exist; this server serves `{served_model_name}`",
+                           "NotFoundError", "model")
+
+    def max_tokens(req: SamplingRequest, prompt_len: int, requested: int | None) -> int:
+        room = max_model_len - prompt_len
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+                                f"has {prompt_len} tokens", param="messages")
+        if requested is None:
+            return room
+        if requested > room:
+            raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; you requested "
+                                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                                "completion)", param="max_tokens")
+        return requested
+
+    def params(req: SamplingRequest, n_max: int, logprobs: int | None, index: int):
+        try:
+            return req.sampling_params(n_max, logprobs, index)
+        except AfdError as e:
+            raise APIError(400, str(e)) from None
+
+    async def collect(stream: AsyncIterator[Delta]) -> Delta:
+        total = Delta()
+        async for d in stream:
+            if d.error:
+                raise APIError(503, f"the backend is unavailable: {d.error}", "service_unavailable")
+            if d.bad_request:
+                raise APIError(400, d.bad_request)
+            total.text += d.text
+            total.token_ids += d.token_ids
+            total.logprobs += d.logprobs
+            total.finish_reason, total.prompt_tokens, total.completion_tokens = (
+                d.finish_reason, d.prompt_tokens, d.completion_tokens)
+        return total
+
+    def chat_logprobs(items: list[dict]) -> dict:
+        def entry(tid, lp):
+            tok = tokenizer.convert_ids_to_tokens(tid)
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
+
+        return {"content": [{**entry(i["token_id"], i["logprob"]), "top_logprobs": [entry(t, v) for t, v in i["top"]]}
+                            for i in items]}
+
+    def with_ids(delta: Delta) -> list[dict]:
+        return [{**lp, "token_id": tid} for lp, tid in zip(delta.logprobs, delta.token_ids)]
+
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def stream_chunks(streams, make_chunk, usage_chunk) -> AsyncIterator[str]:
+        """Interleaves the n choices' deltas into OpenAI chunks; ends with [DONE]."""
+        import asyncio
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, stream):
+            async for d in stream:
+                await queue.put((index, d))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        done, prompt_tokens, completion_tokens = 0, 0, 0
+        try:
+            while done < len(tasks):
+                index, d = await queue.get()
+                if d is None:
+                    done += 1
+                    continue
+                if d.error or d.bad_request:
+                    status = 503 if d.error else 400
+                    yield sse(ErrorResponse(error=ErrorBody(message=d.error or d.bad_request, code=status,
+                                                            type="service_unavailable" if d.error else
+                                                            "invalid_request_error")).model_dump())
+                    break
+                prompt_tokens = d.prompt_tokens
+                if d.finish_reason is not None:
+                    completion_tokens += d.completion_tokens
+                yield sse(make_chunk(index, d))
+            if usage_chunk is not None:
+                yield sse(usage_chunk(Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                            total_tokens=prompt_tokens + completion_tokens)))
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    @app.get("/health")
+    async def health():
+        if not engine.healthy:
+            return error_response(503, f"the backend is down: {engine.error}", "service_unavailable")
+        return {"status": "ok", "backend": backend}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": now(),
+                                            "owned_by": "afd-compile", "max_model_len": max_model_len}]}
+
+    @app.post("/v1/chat/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                                                 503: {"model": ErrorResponse}})
+    async def chat(req: ChatCompletionRequest):
+        check_model(req)
+        try:
+            prompt = engine.engine.encode_chat([m.model_dump() for m in req.messages])
+        except AfdError as e:
+            raise APIError(400, str(e), param="messages") from None
+        n_max = max_tokens(req, len(prompt), req.max_completion_tokens or req.max_tokens)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        streams = [engine.generate(prompt, params(req, n_max, logprobs, i)) for i in range(req.n)]
+        rid, created = new_id("chatcmpl"), now()
+        if req.stream:
+            def chunk(i, d):
+                delta = {"role": "assistant", "content": d.text} if d.text or d.finish_reason is None else {}
+                choice = {"index": i, "delta": delta, "finish_reason": d.finish_reason}
+                if logprobs is not None:
+                    choice["logprobs"] = chat_logprobs(with_ids(d))
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
+                        "choices": [choice]}
+
+            usage = None
+            if req.stream_options and req.stream_options.include_usage:
+                def usage(u):
+                    return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                            "model": served_model_name, "choices": [], "usage": u.model_dump()}
+            return StreamingResponse(stream_chunks(streams, chunk, usage), media_type="text/event-stream")
+        results = [await collect(s) for s in streams]
+        choices = []
+        for i, r in enumerate(results):
+            choice = {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = chat_logprobs(with_ids(r))
+            choices.append(choice)
+        completion = sum(r.completion_tokens for r in results)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
+                "choices": choices, "usage": Usage(prompt_tokens=len(prompt), completion_tokens=completion,
+                                                   total_tokens=len(prompt) + completion).model_dump()}
+
+    @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                                            503: {"model": ErrorResponse}})
+    async def completions(req: CompletionRequest):
+        check_model(req)
+        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+            else [req.prompt]
+        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        if any(not e for e in encoded):
+            raise APIError(400, "the prompt is empty", param="prompt")
+        jobs = []  # (prompt index, prompt ids, stream)
+        for pi, ids in enumerate(encoded):
+            n_max = max_tokens(req, len(ids), req.max_tokens)
+            jobs += [(pi, ids, engine.generate(ids, params(req, n_max, req.logprobs, i))) for i in range(req.n)]
+        rid, created = new_id("cmpl"), now()
+
+        def text_logprobs(d: Delta) -> dict:
+            toks = [tokenizer.convert_ids_to_tokens(t) for t in d.token_ids]
+            return {"tokens": toks, "token_logprobs": [lp["logprob"] for lp in d.logprobs],
+                    "top_logprobs": [{tokenizer.convert_ids_to_tokens(t): v for t, v in lp["top"]}
+                                     for lp in d.logprobs], "text_offset": []}
+
+        def echo(pi):
+            return prompts[pi] if isinstance(prompts[pi], str) else tokenizer.decode(encoded[pi])
+
+        if req.stream:
+            echoed: set[int] = set()
+
+            def chunk(i, d):
+                text = (echo(jobs[i][0]) if req.echo and i not in echoed else "") + d.text
+                echoed.add(i)
+                choice = {"index": i, "text": text, "finish_reason": d.finish_reason,
+                          "logprobs": text_logprobs(d) if req.logprobs is not None else None}
+                return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+                        "choices": [choice]}
+
+            usage = None
+            if req.stream_options and req.stream_options.include_usage:
+                def usage(u):
+                    return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+                            "choices": [], "usage": u.model_dump()}
+            return StreamingResponse(stream_chunks([j[2] for j in jobs], chunk, usage), media_type="text/event-stream")
+        results = [await collect(j[2]) for j in jobs]
+        choices = [{"index": i, "text": (echo(jobs[i][0]) if req.echo else "") + r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": text_logprobs(r) if req.logprobs is not None else None} for i, r in enumerate(results)]
+        prompt_tokens = sum(len(e) for e in encoded) * req.n
+        completion = sum(r.completion_tokens for r in results)
+        return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
+                "choices": choices, "usage": Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                                                   total_tokens=prompt_tokens + completion).model_dump()}
+
+    return app

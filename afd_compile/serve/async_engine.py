@@ -1,0 +1,163 @@
+"""Runs the engine on its own thread and streams each request's tokens to asyncio handlers.
+
+The engine is single-threaded by design: only the loop thread touches it. HTTP handlers send
+"add" and "abort" commands through a queue and read deltas from a per-request asyncio.Queue.
+Between steps the loop admits new requests, so they join the running batch (continuous
+batching). An AFD attention rank with nothing to do keeps its FFN ranks in step with `idle()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.engine.sampling_params import SamplingParams
+from afd_compile.engine.sequence import Sequence
+from afd_compile.errors import AfdError
+from afd_compile.serve.metrics import Metrics
+
+log = logging.getLogger("afd.serve")
+
+
+@dataclass
+class Delta:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # the engine failed; the handler answers 503
+    bad_request: str | None = None  # add_request refused the request; 400
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    seq: Sequence
+    arrival: float
+    sent_text: int = 0
+    sent_tokens: int = 0
+    first_token_at: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, idle: Callable[[], None] | None = None, metrics: Metrics | None = None,
+                 on_exit: Callable[[], None] | None = None):
+        self.engine, self.idle, self.on_exit = engine, idle, on_exit
+        self.metrics = metrics or Metrics()
+        self.commands: queue.Queue = queue.Queue()
+        self.streams: dict[str, _Stream] = {}
+        self.error: str | None = None
+        self._stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self.thread.is_alive()
+
+    # ---- handler side
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        if not self.healthy:
+            yield Delta(error=self.error or "the engine is not running")
+            return
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        holder: dict = {}
+        self.commands.put(("add", prompt_token_ids, params, loop, out, holder))
+        finished = False
+        try:
+            while True:
+                delta = await out.get()
+                finished = delta.finish_reason is not None or delta.error is not None or delta.bad_request is not None
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished and "request_id" in holder:  # the client went away: free its KV slot
+                self.commands.put(("abort", holder["request_id"]))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._stopped.set()
+        self.commands.put(("stop",))
+        self.thread.join(timeout_s)
+
+    # ---- loop thread
+    def _loop(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                busy = self.engine.scheduler.has_work()
+                self._drain(block=not busy and self.idle is None)
+                if self.engine.scheduler.has_work():
+                    self._publish(self.engine.step())
+                elif self.idle is not None and not self._stopped.is_set():
+                    self.idle()
+                self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
+        except Exception as e:  # a dead FFN rank, a broken connector, ...: fail every request clearly
+            self.error = f"{type(e).__name__}: {e}"
+            log.error("engine loop stopped: %s", self.error)
+            for stream in list(self.streams.values()):
+                stream.loop.call_soon_threadsafe(stream.out.put_nowait, Delta(error=self.error))
+            self.streams.clear()
+        finally:
+            if self.on_exit is not None:
+                try:
+                    self.on_exit()
+                except Exception as e:
+                    log.warning("shutdown: %s", e)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self.commands.get(timeout=0.05) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command) -> None:
+        if command[0] == "add":
+            _, prompt, params, loop, out, holder = command
+            try:
+                seq = self.engine.add_request(prompt, params)
+            except AfdError as e:
+                loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=str(e)))
+                return
+            holder["request_id"] = seq.request_id
+            self.streams[seq.request_id] = _Stream(loop, out, seq, time.monotonic())
+            self.metrics.requests.inc()
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+            self.streams.pop(command[1], None)
+
+    def _publish(self, seqs: list[Sequence]) -> None:
+        now = time.monotonic()
+        for seq in seqs:
+            stream = self.streams.get(seq.request_id)
+            if stream is None:
+                continue
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+                self.metrics.ttft.observe(now - stream.arrival)
+            self.metrics.generation_tokens.inc(len(seq.output_token_ids) - stream.sent_tokens)
+            text = seq.output_text
+            if seq.params.stop and not seq.finished:  # hold back what may still become a stop string
+                text = text[: max(stream.sent_text, len(text) - max(map(len, seq.params.stop)) + 1)]
+            delta = Delta(text=text[stream.sent_text :], token_ids=seq.output_token_ids[stream.sent_tokens :],
+                          logprobs=seq.output_logprobs[stream.sent_tokens :], finish_reason=seq.finish_reason,
+                          prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids))
+            stream.sent_text, stream.sent_tokens = len(text), len(seq.output_token_ids)
+            if seq.finished:
+                self.streams.pop(seq.request_id, None)
+                self.metrics.finished(seq, now - stream.arrival, now - stream.first_token_at)
+            stream.loop.call_soon_threadsafe(stream.out.put_nowait, delta)

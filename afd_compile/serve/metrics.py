@@ -1,0 +1,42 @@
+"""Prometheus metrics (names follow vLLM's `vllm:` set, under `afd:`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("afd:requests", "Requests admitted to the engine", registry=r)
+        self.finished_requests = Counter("afd:requests_finished", "Finished requests by finish reason",
+                                         ["finish_reason"], registry=r)
+        self.generation_tokens = Counter("afd:generation_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("afd:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.ttft = Histogram("afd:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("afd:time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("afd:e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("afd:num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("afd:num_requests_waiting", "Requests waiting for a KV cache slot", registry=r)
+        self.connector_latency = Histogram("afd:connector_wait_seconds",
+                                           "Attention rank's wait for FFN output, per layer", ["layer"],
+                                           buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1), registry=r)
+
+    def set_queue(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def finished(self, seq, e2e_s: float, since_first_token_s: float) -> None:
+        self.finished_requests.labels(seq.finish_reason).inc()
+        self.prompt_tokens.inc(len(seq.prompt_token_ids))
+        self.e2e.observe(e2e_s)
+        if len(seq.output_token_ids) > 1:
+            self.tpot.observe(since_first_token_s / (len(seq.output_token_ids) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,59 @@
+"""`afd serve`: builds the engine (monolithic, or an AFD attention rank), runs it on the
+engine thread, and serves the API with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from afd_compile.config import AFDConfig, EngineConfig
+from afd_compile.serve.api_server import build_app
+from afd_compile.serve.async_engine import AsyncEngine
+from afd_compile.serve.metrics import Metrics
+
+log = logging.getLogger("afd.serve")
+
+
+def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None) -> tuple[AsyncEngine, str]:
+    metrics = Metrics()
+    if afd is None:
+        from afd_compile.engine.llm_engine import LLMEngine
+
+        return AsyncEngine(LLMEngine(engine_cfg), metrics=metrics), "monolithic"
+    from afd_compile.roles.rendezvous import leave
+    from afd_compile.roles.worker import attention_engine
+
+    engine, tracer = attention_engine(engine_cfg, afd)
+    runner = engine.runner
+    runner.wait_observer = lambda layer, seconds: metrics.connector_latency.labels(str(layer)).observe(seconds)
+
+    def on_exit():
+        try:
+            runner.shutdown()
+        finally:
+            if afd.trace:
+                tracer.save(afd.trace)
+            leave()
+
+    return AsyncEngine(engine, idle=runner.idle, metrics=metrics, on_exit=on_exit), f"AFD {afd.topology}"
+
+
+def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,
+          served_model_name: str | None, log_level: str) -> None:
+    async_engine, backend = make_async_engine(engine_cfg, afd)
+    name = served_model_name or str(engine_cfg.model)
+    app = build_app(async_engine, name, api_key, async_engine.engine.max_model_len, backend)
+    if afd is not None and afd.rank:
+        port += afd.rank  # attention rank i serves on port + i
+    log.info("serving %s (%s) on http://%s:%d", Path(str(engine_cfg.model)).name, backend, host, port)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there
+    # before: make that handler a normal exit so the engine (and the AFD links) close below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    finally:
+        async_engine.close()
