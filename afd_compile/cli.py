@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
     _engine_args(p)
-    p.add_argument("--scenario", choices=["monolithic"], required=True)
+    p.add_argument("--scenario", choices=["monolithic", "connector"], required=True)
     p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated decode batch sizes")
     p.add_argument("--steps", type=int, default=32, help="decode steps measured per configuration")
     p.add_argument("--backends", default="compiled,eager,transformers",

@@ -14,9 +14,10 @@ after the timeout.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import torch
 
@@ -33,19 +34,23 @@ class Ring:
     """One direction of a link: bytes written by one process, read by another."""
 
     def __init__(self, name: str, create: bool, size: int):
-        if create:
-            try:  # a crashed earlier run with the same name leaves its segment behind
-                stale = shared_memory.SharedMemory(name=name)
-                stale.close(), stale.unlink()
-            except FileNotFoundError:
-                pass
-        self.shm = shared_memory.SharedMemory(name=name, create=create, size=_CTRL + size if create else 0)
-        self.size = self.shm.size - _CTRL
-        if not create:  # only the creator owns (and unlinks) the segment
-            resource_tracker.unregister(self.shm._name, "shared_memory")
         self.creator = create
-        self.ctrl = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=_CTRL // 8)
-        self.data = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=self.size, offset=_CTRL)
+        if create:
+            # Created through multiprocessing's SharedMemory so its resource tracker unlinks the
+            # segment even if this process is killed.
+            self.shm = shared_memory.SharedMemory(name=name, create=True, size=_CTRL + size)
+            self.buf = self.shm.buf
+        else:
+            # Attached with a plain mmap: SharedMemory would register the segment with this
+            # process's tracker too, which would then "clean up" the peer's segment at exit.
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+            try:
+                self.buf = mmap.mmap(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        self.size = len(self.buf) - _CTRL
+        self.ctrl = torch.frombuffer(self.buf, dtype=torch.int64, count=_CTRL // 8)
+        self.data = torch.frombuffer(self.buf, dtype=torch.uint8, count=self.size, offset=_CTRL)
         if create:
             self.ctrl.zero_()
 
@@ -96,9 +101,12 @@ class Ring:
     def close(self) -> None:
         self.ctrl[_CLOSED] = 1
         del self.ctrl, self.data
-        self.shm.close()
         if self.creator:
+            del self.buf
+            self.shm.close()
             self.shm.unlink()
+        else:
+            self.buf.close()
 
 
 def _alive(pid: int) -> bool:
