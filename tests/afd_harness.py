@@ -46,12 +46,14 @@ def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict,
 def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, micro_batches: int = 1,
             timeout_s: float = 240, **afd_kwargs) -> dict:
     """Greedy AFD generation: returns {"tokens": [token ids per prompt], "params": {(role, rank): count}}."""
-    ctx = mp.get_context("fork")
+    # CUDA cannot be used in a child forked after the parent touched it: spawn for GPU runs.
+    ctx = mp.get_context("spawn" if str(afd_kwargs.get("device", "cpu")).startswith("cuda") else "fork")
     results = ctx.Queue()
     engine_cfg = EngineConfig(model=model_dir, enforce_eager=afd_kwargs.pop("enforce_eager", True),
                               max_num_seqs=afd_kwargs.pop("max_num_seqs", 8),
                               max_model_len=afd_kwargs.pop("max_model_len", 96),
-                              batch_buckets=afd_kwargs.pop("batch_buckets", (1, 2, 4, 8)))
+                              batch_buckets=afd_kwargs.pop("batch_buckets", (1, 2, 4, 8)),
+                              device=afd_kwargs.pop("device", "cpu"))
     afd = dict(afd_size=afd_size, micro_batches=micro_batches, timeout_s=afd_kwargs.pop("connector_timeout", 60),
                **afd_kwargs)
     topo = AFDConfig(**afd).topology

@@ -5,7 +5,7 @@ from afd_compile.connector.base import AFDConnector, Kind, StepHeader
 
 __all__ = ["AFDConnector", "BACKENDS", "Kind", "StepHeader", "make_connector"]
 
-BACKENDS = ("gloo", "shm")
+BACKENDS = ("gloo", "shm", "nccl")
 
 
 def make_connector(backend: str, **kwargs) -> AFDConnector:
@@ -15,6 +15,10 @@ def make_connector(backend: str, **kwargs) -> AFDConnector:
         from afd_compile.connector.gloo import GlooConnector
 
         return GlooConnector(**kwargs)
+    if backend == "nccl":
+        from afd_compile.connector.nccl import NcclConnector
+
+        return NcclConnector(**kwargs)
     if backend == "shm":
         from afd_compile.connector.shm import ShmConnector
 

@@ -21,6 +21,7 @@ class ModelRunner:
         self.model, self.config, self.max_model_len = model, config, max_model_len
         model.setup_caches(config.max_num_seqs, max_model_len)
         self.scratch = model.scratch_slot
+        self.device = model.embed_tokens.weight.device
         if config.enforce_eager:
             self.decode_fn = model
         else:
@@ -46,7 +47,8 @@ class ModelRunner:
         read_slots = torch.tensor([s.slot for s in seqs])
         last_idx = torch.tensor(chunk_lens) - 1
         n_ctx = max(s.num_computed + n for s, n in zip(seqs, chunk_lens))
-        return self.model(tokens, positions, write_slots, read_slots, last_idx, n_ctx)
+        inputs = (t.to(self.device) for t in (tokens, positions, write_slots, read_slots, last_idx))
+        return self.model(*inputs, n_ctx).cpu()
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -58,6 +60,7 @@ class ModelRunner:
         tokens[:n, 0] = torch.tensor([s.token_ids[-1] for s in seqs])
         positions[:n, 0] = torch.tensor([len(s) - 1 for s in seqs])
         slots[:n] = torch.tensor([s.slot for s in seqs])
-        logits = self.decode_fn(tokens, positions, slots.unsqueeze(1), slots, torch.zeros(B, dtype=torch.long),
-                                self.max_model_len)
-        return logits[:n]
+        tokens, positions, slots = tokens.to(self.device), positions.to(self.device), slots.to(self.device)
+        logits = self.decode_fn(tokens, positions, slots.unsqueeze(1), slots,
+                                torch.zeros(B, dtype=torch.long, device=self.device), self.max_model_len)
+        return logits[:n].cpu()

@@ -53,10 +53,16 @@ class AFDModelRunner:
         self.tracer = tracer or Tracer("attention", 0)
         model.setup_caches(config.max_num_seqs, max_model_len)
         self.scratch = model.scratch_slot
+        self.device = model.embed_tokens.weight.device
         # One graph per micro-batch bucket, shared by all layers: the layer's weights are
         # graph inputs (dynamo inlines nn.Modules), not constants baked into 60 graphs.
         self.decode_attention = _attention_layer if config.enforce_eager else torch.compile(
             _attention_layer, dynamic=False, fullgraph=True)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from afd_compile.roles.cuda_graph import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self, self.decode_attention)
         self.steps = itertools.count()
         self.wait_observer = None  # (layer, seconds) of each wait for FFN output, e.g. for /metrics
 
@@ -81,9 +87,11 @@ class AFDModelRunner:
             positions[i, :n] = torch.arange(start, start + n)
             write_slots[i, :n], read_slots[i], last_idx[i] = slot, slot, n - 1
             real += 1
-        inp = self.model.attention_inputs(positions, write_slots, read_slots, n_ctx)
         sent = (write_slots.flatten() != self.scratch).nonzero().squeeze(1) if pack else None
-        return MicroBatch(tokens, inp, last_idx, real, sent)
+        tokens, positions, write_slots, read_slots, last_idx = (
+            t.to(self.device) for t in (tokens, positions, write_slots, read_slots, last_idx))
+        inp = self.model.attention_inputs(positions, write_slots, read_slots, n_ctx)
+        return MicroBatch(tokens, inp, last_idx, real, None if sent is None else sent.to(self.device))
 
     def _split(self, n: int, bucketed: bool) -> tuple[list[range], int]:
         size = math.ceil(n / self.micro_batches)
@@ -109,12 +117,20 @@ class AFDModelRunner:
         for part in parts:
             rows = [([seqs[i].token_ids[-1]], len(seqs[i]) - 1, seqs[i].slot) for i in part]
             mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len, pack=False))
+        if self.decode_graphs is not None:
+            return self.decode_graphs(mbs)
         return self._pipeline(mbs, self.decode_attention)
 
     # ---- the ping-pong pipeline
     def _pipeline(self, mbs: list[MicroBatch], attention) -> torch.Tensor:
         step = next(self.steps)
         self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs)))
+        logits = self._layers(mbs, attention, step)
+        return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()
+
+    def _layers(self, mbs: list[MicroBatch], attention, step: int) -> list[torch.Tensor]:
+        """Every layer for every micro-batch, staggered; per micro-batch logits [b, vocab].
+        Host-side sync free, so on CUDA it can be captured in a graph (see cuda_graph.py)."""
         model, trace = self.model, self.tracer
         hs = [model.embed_tokens(mb.tokens) for mb in mbs]
         for layer, half in enumerate(model.attention_halves):
@@ -131,9 +147,9 @@ class AFDModelRunner:
         for k, mb in enumerate(mbs):
             with trace.span("wait", "attention", layer=len(model.attention_halves) - 1, micro_batch=k, step=step):
                 h = self._receive(hs[k], mb, k, len(model.attention_halves) - 1)
-            logits.append(model.logits(h, mb.last_idx)[: mb.rows])
+            logits.append(model.logits(h, mb.last_idx))
         self.connector.flush()
-        return torch.cat(logits)
+        return logits
 
     def _receive(self, h: torch.Tensor, mb: MicroBatch, k: int, layer: int) -> torch.Tensor:
         """The FFN output of micro-batch k in h's [b, L, hidden] layout (padding rows keep h's)."""

@@ -32,6 +32,7 @@ class FFNWorker:
         self.tracer = tracer or Tracer(f"ffn {world.rank}", world.global_rank)
         self.hidden = model.cfg.hidden_size
         self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
 
     def _round_micro_batches(self, local: int) -> int:
         if self.world.topology.num_ffn == 1:
@@ -74,7 +75,8 @@ class FFNWorker:
                 with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
                     parts = [(p, self.connector.recv_attn_output(p, t[k], k))
                              for p, t in steps.items() if k < len(t) and t[k] > 0]
-                x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype)
+                x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype,
+                                                                                    device=self.device)
                 with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
                     y = ffn_half(x)
                 with self.tracer.span("send", "ffn", layer=layer, micro_batch=k, step=step):

@@ -31,6 +31,7 @@ class World:
     ffn_group: dist.ProcessGroup | None  # expert-parallel group of the FFN ranks
     store: dist.Store  # the rendezvous key-value store, for connectors' own set-up
     run_id: str  # unique per deployment: names shared-memory segments
+    nccl_group: dist.ProcessGroup | None = None  # all ranks, NCCL: the GPU connector's transfers
 
 
 def master_address() -> tuple[str, int]:
@@ -51,7 +52,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def join(topology: Topology, role: str, rank: int, timeout_s: float) -> World:
+def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool = False) -> World:
     addr, port = master_address()
     global_rank = topology.global_rank(role, rank)
     if global_rank == 0:
@@ -77,7 +78,9 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float) -> World:
     ffn_ranks = [topology.global_rank("ffn", j) for j in range(topology.num_ffn)]
     # new_group is collective over the whole world: every rank creates it, FFN ranks use it.
     ffn_group = dist.new_group(ffn_ranks, backend="gloo")
-    return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, run_id)
+    # Every rank must create the same groups in the same order, so nccl is a deployment-wide setting.
+    nccl_group = dist.new_group(list(range(topology.world_size)), backend="nccl") if nccl else None
+    return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, run_id, nccl_group)
 
 
 def leave() -> None:

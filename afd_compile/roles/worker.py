@@ -3,10 +3,14 @@ the connector, then run (FFN) or hand back an engine (attention)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+
+import torch
 
 from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.connector import make_connector
+from afd_compile.errors import AfdError
 from afd_compile.engine.llm_engine import LLMEngine
 from afd_compile.model.ffn_half import set_expert_parallel
 from afd_compile.model.loader import load_config, load_model
@@ -42,19 +46,33 @@ def _connector(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
         peers = {0: topo.global_rank("ffn", topo.ffn_of(afd.rank))}
     else:
         peers = {i: topo.global_rank("attention", a) for i, a in enumerate(attention_ranks)}
+    if afd.connector == "nccl":
+        common.update(nccl_group=world.nccl_group, device=torch.device(engine_cfg.device))
     return make_connector(afd.connector, peer_ranks=peers, **common)
+
+
+def _rank_device(engine_cfg: EngineConfig, afd: AFDConfig) -> EngineConfig:
+    """With device "cuda", ranks sharing a host take one GPU each, by global rank."""
+    if engine_cfg.device != "cuda":
+        return engine_cfg
+    if afd.connector != "nccl":
+        raise AfdError(f"on CUDA the connector must be nccl, not {afd.connector!r}")
+    index = afd.topology.global_rank(afd.role, afd.rank) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return dataclasses.replace(engine_cfg, device=f"cuda:{index}")
 
 
 def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
     """Serves until every attention rank has left; returns the number of parameters this rank held."""
     hf = _check(engine_cfg, afd)
+    engine_cfg = _rank_device(engine_cfg, afd)
     topo = afd.topology
     model = load_model(engine_cfg.model, part="ffn", ep_rank=afd.rank, ep_size=topo.num_ffn,
                        dtype=engine_cfg.torch_dtype, device=engine_cfg.device)
     log.info("ffn rank %d of %s: experts %d..%d of %d, mapping %s", afd.rank, topo,
              afd.rank * hf.n_routed_experts // topo.num_ffn, (afd.rank + 1) * hf.n_routed_experts // topo.num_ffn - 1,
              hf.n_routed_experts, topo.describe())
-    world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s)
+    world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl")
     tracer = Tracer(f"ffn {afd.rank}", world.global_rank, enabled=afd.trace is not None)
     try:
         if topo.num_ffn > 1:
@@ -70,11 +88,12 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
 def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngine, Tracer]:
     """Joins as an attention rank and returns its engine; call engine.runner.shutdown() when done."""
     hf = _check(engine_cfg, afd)
+    engine_cfg = _rank_device(engine_cfg, afd)
     topo = afd.topology
     model = load_model(engine_cfg.model, part="attention", dtype=engine_cfg.torch_dtype, device=engine_cfg.device)
     log.info("attention rank %d of %s: sends to ffn rank %d, %d micro-batch(es), connector %s", afd.rank, topo,
              topo.ffn_of(afd.rank), afd.micro_batches, afd.connector)
-    world = rendezvous.join(topo, "attention", afd.rank, afd.timeout_s)
+    world = rendezvous.join(topo, "attention", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl")
     tracer = Tracer(f"attention {afd.rank}", world.global_rank, enabled=afd.trace is not None)
     connector = _connector(afd, world, hf, engine_cfg)
     engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
