@@ -2,7 +2,9 @@
 
 Each step is either a prefill step (admit waiting requests while KV slots and the prefill
 token budget allow; long prompts are cut into chunks) or a decode step over every running
-request. Finished requests free their slot at once.
+request whose prompt is cached. When both are pending they alternate, so a long prompt
+delays running requests by at most one chunk (max_num_batched_tokens) per token they
+generate. Finished requests free their slot at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Scheduler:
         self.budget = max_num_batched_tokens
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -36,12 +39,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        prefill = self._schedule_prefill()
+        decodable = [s for s in self.running if not s.is_prefill]
+        prefill = None if (decodable and self._last_was_prefill) else self._schedule_prefill()
+        self._last_was_prefill = prefill is not None
         if prefill is not None:
             return prefill
-        if self.running:
-            return ScheduledBatch(list(self.running), False, [])
-        return None
+        return ScheduledBatch(decodable, False, []) if decodable else None
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, chunks, budget = [], [], self.budget
