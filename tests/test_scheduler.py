@@ -30,4 +30,6 @@ def test_long_prefill_alternates_with_decode():
             for seq in batch.seqs:
                 seq.num_computed = len(seq)
                 sched.append_token(seq, 7)
-    assert kinds == ["P", "D", "P", "D", "P", "D"]
+    # The step after short's own prefill decodes it; then the long prompt's 3 chunks interleave.
+    assert kinds == ["D", "P", "D", "P", "D", "P"]
+    assert not long.is_prefill
