@@ -8,6 +8,7 @@ DeepseekV2ForCausalLM, the same class the oracle tests compare against, and save
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
@@ -23,34 +24,13 @@ from afd_compile.demo.tokenizer import build_tokenizer
 SEQ_LEN = 20  # bos, <|user|>, 8 shown, <|assistant|>, 8 answered, eos
 
 
-def demo_config(tok) -> DeepseekV2Config:
-    return DeepseekV2Config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        first_k_dense_replace=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        topk_method="greedy",
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        q_lora_rank=None,
-        kv_lora_rank=32,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+PRESET = Path(__file__).resolve().parents[2] / "configs" / "afd-demo-moe.json"
+
+
+def demo_config(tok, preset: Path = PRESET) -> DeepseekV2Config:
+    """The architecture preset (configs/afd-demo-moe.json) plus the tokenizer's vocabulary."""
+    return DeepseekV2Config(**json.loads(preset.read_text()), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def encode(tok, seq, with_answer: bool) -> list[int]:
@@ -99,6 +79,7 @@ def held_out_accuracy(model, tok, n: int = 200) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("models/afd-demo-moe"))
+    ap.add_argument("--preset", type=Path, default=PRESET, help="architecture (DeepseekV2Config fields) as JSON")
     ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--batch-size", type=int, default=192)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -109,7 +90,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok = build_tokenizer()
-    config = demo_config(tok)
+    config = demo_config(tok, args.preset)
     model = DeepseekV2ForCausalLM(config)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
