@@ -59,6 +59,7 @@ class AFDModelRunner:
         self.decode_attention = _attention_layer if config.enforce_eager else torch.compile(
             _attention_layer, dynamic=False, fullgraph=True)
         self.decode_graphs = None
+        self._warm: set[int] = set()
         if self.device.type == "cuda" and not config.enforce_eager:
             from afd_compile.roles.cuda_graph import DecodeGraphs
 
@@ -119,7 +120,19 @@ class AFDModelRunner:
             mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len, pack=False))
         if self.decode_graphs is not None:
             return self.decode_graphs(mbs)
+        self._warm_up(size)
         return self._pipeline(mbs, self.decode_attention)
+
+    def _warm_up(self, rows: int) -> None:
+        """Compiles the decode graph for a new micro-batch size before the step header goes out:
+        the FFN ranks would otherwise wait through the compilation (seconds on CPU), racing the
+        connector timeout. Runs on the scratch slot only."""
+        if self.config.enforce_eager or rows in self._warm:
+            return
+        dummy = self._micro_batch([None] * rows, 1, self.max_model_len, pack=False)
+        half = self.model.attention_halves[0]
+        self.decode_attention(half, self.model.embed_tokens(dummy.tokens), dummy.inp)
+        self._warm.add(rows)
 
     # ---- the ping-pong pipeline
     def _pipeline(self, mbs: list[MicroBatch], attention) -> torch.Tensor:
