@@ -304,12 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
     _engine_args(p)
-    p.add_argument("--scenario", choices=["monolithic", "connector"], required=True)
+    p.add_argument("--scenario", choices=["monolithic", "connector", "serve"], required=True)
     p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated decode batch sizes")
     p.add_argument("--steps", type=int, default=32, help="decode steps measured per configuration")
     p.add_argument("--backends", default="compiled,eager,transformers",
                    help="comma-separated backends to measure: compiled, eager, transformers")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measurements per configuration, interleaved across backends; the fastest is reported")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")
+    p.add_argument("--deployments", default="monolithic,1A1F,2A2F", help="serve: monolithic and/or xAyF topologies")
+    p.add_argument("--rates", default="1,2,4", help="serve: request rates (req/s), comma-separated")
+    p.add_argument("--requests", type=int, default=24, help="serve: requests per rate")
+    p.add_argument("--max-tokens", type=int, default=16, help="serve: tokens per request")
+    p.add_argument("--micro-batches", type=int, default=2, help="serve: AFD ping-pong micro-batches")
+    p.add_argument("--connector", default="shm", help="serve: AFD connector")
     p.set_defaults(func=cmd_bench)
     return ap
 

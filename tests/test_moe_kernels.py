@@ -252,3 +252,17 @@ def test_fused_experts_under_torch_compile_fullgraph(data):
     other = logits.flip(0)
     torch.testing.assert_close(compiled(x, other, w13[4:], w2[4:]), moe(x, other, w13[4:], w2[4:]),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("first_expert,num_local", [(0, 8), (4, 4)])
+def test_dense_experts_equal_sort_based(first_expert, num_local):
+    """Oracle: the sort-based fused_experts. The dense small-batch path (every local expert on
+    every token, unrouted weights zero) gives the same routed output, EP slices included."""
+    from afd_compile.model.ffn_half import dense_experts
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 16)
+    w13, w2 = torch.randn(num_local, 2 * 8, 16) * 0.2, torch.randn(num_local, 16, 8) * 0.2
+    weights, ids = select_experts(torch.randn(6, 8), 2)
+    expected = fused_experts(x, weights, ids, w13, w2, first_expert)
+    torch.testing.assert_close(dense_experts(x, weights, ids, w13, w2, first_expert), expected, atol=1e-5, rtol=1e-5)

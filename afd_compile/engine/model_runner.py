@@ -16,6 +16,11 @@ from afd_compile.engine.sequence import Sequence
 from afd_compile.model.decoder import DeepseekV2
 
 
+# Inductor's C++ wrapper launches the step's kernels without a Python call per op: at decode
+# sizes on CPU that per-op overhead is most of the step.
+COMPILE_OPTIONS = {"cpp_wrapper": True}
+
+
 class ModelRunner:
     def __init__(self, model: DeepseekV2, config: EngineConfig, max_model_len: int):
         self.model, self.config, self.max_model_len = model, config, max_model_len
@@ -29,7 +34,7 @@ class ModelRunner:
             # with more buckets than that.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        len(config.batch_buckets) + 1)
-            self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True)
+            self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:

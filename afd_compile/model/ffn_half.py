@@ -15,6 +15,24 @@ from afd_compile.model.layers import RMSNorm, SwiGLU
 from moe_kernels import fused_experts, select_experts
 
 
+# Up to this many (token, local expert) rows, e.g. small decode batches, every local expert runs
+# on every token as one batched matmul with unrouted weights zero: static shapes that inductor
+# fuses, where the sort-based grouped matmul pays a Python loop and a graph break per layer.
+DENSE_MOE_MAX_ROWS = 256
+
+
+def dense_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
+    """x [tokens, hidden] -> sum_k weight_k * expert_k(x), computing all local experts."""
+    num_local = w13.shape[0]
+    local = topk_ids - first_expert
+    keep = (local >= 0) & (local < num_local)
+    gates = torch.zeros(x.shape[0], num_local, dtype=topk_weights.dtype, device=x.device)
+    gates.scatter_add_(1, local.clamp(0, num_local - 1), topk_weights * keep)  # [tokens, experts]
+    gate, up = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2)).chunk(2, dim=-1)  # [experts, tokens, inter]
+    y = torch.matmul(F.silu(gate) * up, w2.transpose(1, 2))  # [experts, tokens, hidden]
+    return torch.einsum("te,eth->th", gates.to(y.dtype), y)
+
+
 class Experts(nn.Module):
     """Routed expert weights of one layer, stacked as transformers v5 stores them."""
 
@@ -51,6 +69,8 @@ class MoE(nn.Module):
         if self.ep_routed is not None:
             return self.ep_routed(x)
         weights, ids = self.route(x)
+        if x.shape[0] * self.experts.down_proj.shape[0] <= DENSE_MOE_MAX_ROWS:
+            return dense_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
         return fused_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""`afd bench --scenario monolithic` on a tiny checkpoint: the JSON holds every figure (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from afd_compile.cli import main
+
+
+def test_monolithic_scenario_writes_figures(tiny_greedy_checkpoint, tmp_path, capsys):
+    out = tmp_path / "monolithic.json"
+    steps = 4
+    rc = main(["bench", "--scenario", "monolithic", "--model", str(tiny_greedy_checkpoint),
+               "--backends", "eager,transformers", "--batch-sizes", "1,2", "--steps", str(steps),
+               "--repeats", "2", "--max-num-seqs", "1", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tok/s" in printed and "transformers" in printed
+
+    result = json.loads(out.read_text())
+    assert result["scenario"] == "monolithic"
+    machine = result["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch"] and "git_commit" in machine
+    config = result["config"]
+    assert config["max_num_seqs"] >= 2  # raised to the largest batch size
+    assert config["max_model_len"] <= 128 and config["backends"] == ["eager", "transformers"]
+
+    rows = {(r["backend"], r["batch_size"]): r for r in result["results"]}
+    assert set(rows) == {(b, n) for b in ("eager", "transformers") for n in (1, 2)}
+    for (backend, n), r in rows.items():
+        assert r["decode_steps"] == steps - 1
+        assert r["decode_tokens"] == n * (steps - 1)
+        for key in ("tokens_per_s", "ms_per_step", "ms_per_step_median", "decode_s", "prefill_ms", "warmup_s",
+                    "speedup_vs_transformers"):
+            assert r[key] > 0, (backend, n, key)
+        assert len(r["tokens_per_s_repeats"]) == 2 and min(r["tokens_per_s_repeats"]) > 0
+        assert r["tokens_per_s"] == max(r["tokens_per_s_repeats"])
+        if backend == "eager":
+            assert r["same_tokens_as_transformers"] == 1.0  # same greedy work as generate
+    assert rows["transformers", 1]["speedup_vs_transformers"] == 1.0
+    assert set(result["ratios"]) == {"eager/transformers"}
+    assert all(v > 0 for v in result["ratios"]["eager/transformers"].values())
+
+
+def test_bench_rejects_unknown_backend(tiny_greedy_checkpoint, tmp_path, capsys):
+    rc = main(["bench", "--scenario", "monolithic", "--model", str(tiny_greedy_checkpoint), "--backends", "vllm",
+               "--out", str(tmp_path / "x.json")])
+    assert rc == 1
+    assert "unknown backend" in capsys.readouterr().err
