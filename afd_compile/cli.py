@@ -322,10 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def normalize_flags(argv: list[str]) -> list[str]:
+    """Accepts vLLM's underscore spellings (--enforce_eager, --additional_config=...) too."""
+    out, options = [], True
+    for arg in argv:
+        if arg == "--":
+            options = False
+        if options and arg.startswith("--") and arg != "--":
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except AfdError as e:
