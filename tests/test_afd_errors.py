@@ -156,3 +156,10 @@ def test_launcher_stops_the_other_ranks_when_one_fails(tiny_greedy_checkpoint):
     with pytest.raises(AfdError, match="attention 0 exited with code 1.*does not exist"):
         sup.wait()
     assert waiting.proc.poll() is not None and time.monotonic() - start < 60
+
+
+def test_seed_underscore_flags_are_accepted():
+    from afd_compile.cli import normalize_flags
+
+    assert normalize_flags(["ffn", "--enforce_eager", '--additional_config={"afd_size": "2A2F"}', "--", "--x_y"]) == [
+        "ffn", "--enforce-eager", '--additional-config={"afd_size": "2A2F"}', "--", "--x_y"]
