@@ -34,6 +34,8 @@ class SamplingParams:
         self._check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         self._check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         self._check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
+        # torch.Generator.manual_seed takes [-2**63, 2**64); out of it, it raises in the engine loop.
+        self._check(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64)")
         self._check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")

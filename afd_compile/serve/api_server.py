@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd_compile.errors import AfdError
 from afd_compile.serve.async_engine import AsyncEngine, Delta
@@ -27,15 +29,44 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   headers: dict[str, str] | None = None):
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body streamed (chunked, no Content-Length) past the limit; the
+    guard middleware refuses a declared Content-Length over it before anything is read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # raised inside FastAPI's body read, which passes HTTPException on
+                    raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None, max_model_len: int = 0,
               backend: str = "monolithic") -> FastAPI:
     app = FastAPI(title="afd-compile", description="OpenAI-compatible API over Attention-FFN disaggregated MoE")
     tokenizer = engine.engine.tokenizer
+
+    # Added first, so it sits inside the guard: its 413 is raised straight into FastAPI's body read
+    # (through the guard's receive, a task group would wrap it into an ExceptionGroup, a 400).
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -51,15 +82,25 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.exception_handler(RequestValidationError)
     async def on_validation(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}" if where else str(exc),
+        message = first.get("msg", "invalid request")
+        return error_response(400, f"{where}: {message}" if where else f"request body: {message}",
                               param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_, exc: StarletteHTTPException):  # unknown path, wrong method, 413, ...
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
     async def on_api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.kind, exc.param)
 
     def check_model(req: SamplingRequest) -> None:
+        if not engine.healthy:  # known down: say so now, not after a 200 has started a stream
+            raise APIError(503, f"the backend is unavailable: {engine.error}", "service_unavailable")
         if req.model is not None and req.model != served_model_name:
             raise APIError(404, f"the model `{req.model}` does not exist; this server serves `{served_model_name}`",
                            "NotFoundError", "model")
@@ -82,6 +123,16 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             return req.sampling_params(n_max, logprobs, index)
         except AfdError as e:
             raise APIError(400, str(e)) from None
+
+    async def collect_all(streams: list[AsyncIterator[Delta]]) -> list[Delta]:
+        """Runs the n choices (and prompts) of a request side by side, so they share the batch; if
+        one fails, the others are cancelled, which aborts them in the engine."""
+        tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def collect(stream: AsyncIterator[Delta]) -> Delta:
         total = Delta()
@@ -111,10 +162,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream_chunks(streams, make_chunk, usage_chunk) -> AsyncIterator[str]:
+    async def stream_chunks(streams, make_chunk, usage_chunk, prompt_tokens: int) -> AsyncIterator[str]:
         """Interleaves the n choices' deltas into OpenAI chunks; ends with [DONE]."""
-        import asyncio
-
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index, stream):
@@ -123,7 +172,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             await queue.put((index, None))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        done, prompt_tokens, completion_tokens = 0, 0, 0
+        done, completion_tokens = 0, 0
         try:
             while done < len(tasks):
                 index, d = await queue.get()
@@ -136,7 +185,6 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                                                             type="service_unavailable" if d.error else
                                                             "invalid_request_error")).model_dump())
                     break
-                prompt_tokens = d.prompt_tokens
                 if d.finish_reason is not None:
                     completion_tokens += d.completion_tokens
                 yield sse(make_chunk(index, d))
@@ -189,8 +237,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 def usage(u):
                     return {"id": rid, "object": "chat.completion.chunk", "created": created,
                             "model": served_model_name, "choices": [], "usage": u.model_dump()}
-            return StreamingResponse(stream_chunks(streams, chunk, usage), media_type="text/event-stream")
-        results = [await collect(s) for s in streams]
+            return StreamingResponse(stream_chunks(streams, chunk, usage, len(prompt)), media_type="text/event-stream")
+        results = await collect_all(streams)
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
@@ -242,12 +290,13 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 def usage(u):
                     return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
                             "choices": [], "usage": u.model_dump()}
-            return StreamingResponse(stream_chunks([j[2] for j in jobs], chunk, usage), media_type="text/event-stream")
-        results = [await collect(j[2]) for j in jobs]
+            return StreamingResponse(stream_chunks([j[2] for j in jobs], chunk, usage, sum(len(e) for e in encoded)),
+                                     media_type="text/event-stream")
+        results = await collect_all([j[2] for j in jobs])
         choices = [{"index": i, "text": (echo(jobs[i][0]) if req.echo else "") + r.text,
                     "finish_reason": r.finish_reason,
                     "logprobs": text_logprobs(r) if req.logprobs is not None else None} for i, r in enumerate(results)]
-        prompt_tokens = sum(len(e) for e in encoded) * req.n
+        prompt_tokens = sum(len(e) for e in encoded)  # as OpenAI: each prompt once, whatever n
         completion = sum(r.completion_tokens for r in results)
         return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
                 "choices": choices, "usage": Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,

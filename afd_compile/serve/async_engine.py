@@ -72,15 +72,26 @@ class AsyncEngine:
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         holder: dict = {}
         self.commands.put(("add", prompt_token_ids, params, loop, out, holder))
-        finished = False
+        finished, get = False, None
         try:
             while True:
-                delta = await out.get()
+                # Wait in slices, re-checking health: an "add" still queued when the loop died is
+                # never answered, and this request must then fail, not hang (and hang shutdown).
+                get = get or asyncio.ensure_future(out.get())
+                done, _ = await asyncio.wait({get}, timeout=1.0)
+                if done:
+                    delta, get = get.result(), None
+                elif self.healthy:
+                    continue
+                else:
+                    delta = Delta(error=self.error or "the engine is not running")
                 finished = delta.finish_reason is not None or delta.error is not None or delta.bad_request is not None
                 yield delta
                 if finished:
                     return
         finally:
+            if get is not None:
+                get.cancel()
             if not finished and "request_id" in holder:  # the client went away: free its KV slot
                 self.commands.put(("abort", holder["request_id"]))
 
@@ -132,6 +143,10 @@ class AsyncEngine:
                 seq = self.engine.add_request(prompt, params)
             except AfdError as e:
                 loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=str(e)))
+                return
+            except Exception as e:  # refuse this request only; the engine and the others go on
+                log.exception("add_request failed")
+                loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=f"{type(e).__name__}: {e}"))
                 return
             holder["request_id"] = seq.request_id
             self.streams[seq.request_id] = _Stream(loop, out, seq, time.monotonic())

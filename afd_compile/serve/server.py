@@ -54,6 +54,10 @@ def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int,
     # before: make that handler a normal exit so the engine (and the AFD links) close below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+        # uvicorn's own lines ("Application startup complete.") at INFO whatever --log-level says,
+        # as the seed README checks for them; one line per request only with --log-level INFO/DEBUG.
+        level = log_level.upper()
+        uvicorn.run(app, host=host, port=port, log_level="debug" if level == "DEBUG" else "info",
+                    access_log=level in ("DEBUG", "INFO"))
     finally:
         async_engine.close()
