@@ -22,6 +22,7 @@ import httpx
 
 from afd_compile.demo.tasks import held_out_set
 from afd_compile.roles.rendezvous import free_port
+from afd_compile.topology import Topology
 from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_json
 
 
@@ -71,15 +72,16 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
             "end": time.perf_counter()}
 
 
-async def _load(port: int, rate: float, n: int, max_tokens: int, seed: int) -> dict:
+async def _load(ports: list[int], rate: float, n: int, max_tokens: int, seed: int) -> dict:
+    """n requests at `rate`, spread round-robin over the attention ranks' ports."""
     rng = random.Random(seed)
     prompts = [s.prompt for s in held_out_set(n, seed=seed)]
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    urls = [f"http://127.0.0.1:{p}/v1/chat/completions" for p in ports]
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens)))
+        for i, prompt in enumerate(prompts):
+            tasks.append(asyncio.create_task(_one(client, urls[i % len(urls)], prompt, max_tokens)))
             await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
     elapsed = max(r["end"] for r in results) - start
@@ -96,11 +98,14 @@ def run(args) -> dict:
     results = {}
     for deployment in deployments:
         port = free_port()
+        num_attention = 1 if deployment == "monolithic" else Topology.parse(deployment).num_attention
+        ports = [port + i for i in range(num_attention)]  # attention rank i serves port + i
         proc = _start(deployment, args, port)
         try:
-            _wait_healthy(port, proc)
-            asyncio.run(_load(port, rates[0], min(8, args.requests), args.max_tokens, seed=99))  # warm-up
-            results[deployment] = [asyncio.run(_load(port, r, args.requests, args.max_tokens, seed=i))
+            for p in ports:
+                _wait_healthy(p, proc)
+            asyncio.run(_load(ports, rates[0], min(8, args.requests), args.max_tokens, seed=99))  # warm-up
+            results[deployment] = [asyncio.run(_load(ports, r, args.requests, args.max_tokens, seed=i))
                                    for i, r in enumerate(rates)]
         finally:
             os.killpg(proc.pid, 15)

@@ -47,3 +47,28 @@ def test_bench_rejects_unknown_backend(tiny_greedy_checkpoint, tmp_path, capsys)
                "--out", str(tmp_path / "x.json")])
     assert rc == 1
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_serve_scenario_writes_json_and_plot(shipped_model, tmp_path):
+    """A real server under open-loop load: every request succeeds and the report has its figures."""
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "--scenario", "serve", "--model", str(shipped_model), "--enforce-eager",
+               "--deployments", "monolithic,1A1F", "--rates", "4", "--requests", "4", "--max-tokens", "4",
+               "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    for deployment in ("monolithic", "1A1F"):
+        (row,) = result["results"][deployment]
+        assert row["errors"] == 0 and row["throughput_tok_s"] > 0 and row["ttft_p50"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_connector_scenario_reports_every_backend(tmp_path, monkeypatch):
+    import benchmarks.connector as connector
+
+    monkeypatch.setattr(connector, "SIZES", [1 << 10, 4 << 10])
+    out = tmp_path / "connector.json"
+    assert main(["bench", "--scenario", "connector", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"tcp (raw socket)", "shm copy (memcpy x2)", "connector gloo", "connector shm"}
+    assert all(t > 0 for times in result["results"].values() for t in times.values())
