@@ -80,7 +80,7 @@ class Ring:
         head, done, n = int(ctrl[_HEAD]), 0, src.size
         while done < n:
             if head - int(ctrl[_TAIL]) >= size:
-                self._wait(lambda: head - int(ctrl[_TAIL]) < size, _READER, timeout_s, what)
+                self._wait(lambda h=head: h - int(ctrl[_TAIL]) < size, _READER, timeout_s, what)
             pos = head % size
             chunk = min(n - done, size - (head - int(ctrl[_TAIL])), size - pos)
             self.data[pos : pos + chunk] = src[done : done + chunk]
@@ -94,7 +94,7 @@ class Ring:
         tail, done, n = int(ctrl[_TAIL]), 0, dst.size
         while done < n:
             if int(ctrl[_HEAD]) <= tail:
-                self._wait(lambda: int(ctrl[_HEAD]) > tail, _WRITER, timeout_s, what)
+                self._wait(lambda t=tail: int(ctrl[_HEAD]) > t, _WRITER, timeout_s, what)
             pos = tail % size
             chunk = min(n - done, int(ctrl[_HEAD]) - tail, size - pos)
             dst[done : done + chunk] = self.data[pos : pos + chunk]

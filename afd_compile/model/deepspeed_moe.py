@@ -12,7 +12,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kernels import select_experts
 
 
 def init_deepspeed_comm() -> None:

@@ -80,5 +80,5 @@ class FFNWorker:
                 with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
                     y = ffn_half(x)
                 with self.tracer.span("send", "ffn", layer=layer, micro_batch=k, step=step):
-                    for (p, part), out in zip(parts, y.split([x.shape[0] for _, x in parts])):
+                    for (p, _), out in zip(parts, y.split([x.shape[0] for _, x in parts])):
                         self.connector.send_ffn_output(p, out, k)
