@@ -1,4 +1,4 @@
-"""`afd` command line: generate, chat, bench."""
+"""`afd` command line: generate, chat, serve, launch, ffn, bench, console."""
 
 from __future__ import annotations
 
@@ -268,6 +268,12 @@ def cmd_bench(args) -> None:
     run_scenario(args)
 
 
+def cmd_console(args) -> None:
+    from console.app import main as console_main
+
+    console_main(args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="afd", description="Attention-FFN disaggregated MoE inference")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -319,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=2, help="serve: AFD ping-pong micro-batches")
     p.add_argument("--connector", default="shm", help="serve: AFD connector")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("console", help="web console (Gradio): launch ranks, chat, traces, benchmarks")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_console)
     return ap
 
 

@@ -1,0 +1,221 @@
+"""Record a few decode steps of an AFD deployment and show every rank on one timeline.
+
+Design: ranks write their Chrome trace when they exit (afd_compile/trace.py), so a running
+deployment cannot hand over its timeline on demand. "Record" therefore runs a short separate
+deployment with the same settings as the Launch tab (model, afd_size, micro-batches,
+connector, eager or compiled):
+
+    afd generate --afd-size X --micro-batches m --connector c --trace FILE --max-tokens N+1 --chat -- PROMPTS
+
+which starts every rank, generates, exits, and merges the ranks' traces into FILE
+(roles/generate.py). It uses its own rendezvous port, so it runs beside a launched deployment.
+The first step is the prefill; the N after it are decode steps (fewer if every prompt ends early).
+
+The plot has one row per rank and one bar per span (attention / send / wait / ffn) for each
+layer and micro-batch; the summary gives time per stage and how well the two sides overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from afd_compile.roles.rendezvous import free_port
+from console.launcher import LaunchSpec, spawn
+from console.validate import ConsoleError
+
+# Chat prompts the shipped model knows; repeated so that every micro-batch gets rows.
+PROMPTS = ("1 3 5 7 9", "2 4 6 8", "10 20 30 40", "9 8 7 6", "5 10 15 20", "3 6 9 12", "100 200 300", "7 14 21 28")
+STAGE_COLORS = {"attention": "#1f77b4", "ffn": "#2ca02c", "send": "#ff7f0e", "wait": "#c7c7c7"}
+COMPUTE = ("attention", "ffn")
+
+
+def record_args(spec: LaunchSpec, steps: int, trace_path: str | Path) -> list[str]:
+    """`afd` arguments of the recording run."""
+    if spec.topology is None:
+        raise ConsoleError("Traces show the AFD timeline: set an AFD size such as 1A1F or 2A2F (not monolithic).")
+    n_prompts = max(2, 2 * spec.micro_batches * spec.topology.num_attention)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]
+    return ["generate", *spec.engine_args(), "--trace", str(trace_path), "--max-tokens", str(steps + 1), "--chat",
+            "--", *prompts]
+
+
+def record(spec: LaunchSpec, steps: int, trace_path: str | Path, timeout_s: float = 600.0) -> Path:
+    """Runs the recording deployment; returns the merged trace path or raises ConsoleError."""
+    trace_path = Path(trace_path)
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    argv = [sys.executable, "-m", "afd_compile.cli", *record_args(spec, steps, trace_path)]
+    proc = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ConsoleError(f"Recording did not finish within {timeout_s:.0f} s.") from None
+    if proc.returncode != 0 or not trace_path.exists():
+        tail = "\n".join((stderr or stdout).strip().splitlines()[-5:]) or "no output"
+        raise ConsoleError(f"Recording failed (exit code {proc.returncode}):\n{tail}")
+    return trace_path
+
+
+@dataclass(frozen=True)
+class Span:
+    rank: str  # process name, e.g. "attention 0"
+    stage: str  # attention, send, wait, ffn
+    layer: int
+    micro_batch: int
+    step: int
+    start_ms: float
+    dur_ms: float
+
+    @property
+    def end_ms(self) -> float:
+        return self.start_ms + self.dur_ms
+
+    @property
+    def role(self) -> str:
+        return self.rank.split()[0]
+
+
+def load_spans(trace: dict | str | Path) -> list[Span]:
+    """The complete events of a merged Chrome trace, on one clock starting at 0 ms."""
+    if not isinstance(trace, dict):
+        trace = json.loads(Path(trace).read_text())
+    events = trace.get("traceEvents", [])
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    complete = [e for e in events if e.get("ph") == "X"]
+    if not complete:
+        return []
+    t0 = min(e["ts"] for e in complete)
+    spans = []
+    for e in complete:
+        a = e.get("args", {})
+        spans.append(Span(rank=names.get(e["pid"], f"rank {e['pid']}"), stage=e["name"], layer=int(a.get("layer", 0)),
+                          micro_batch=int(a.get("micro_batch", 0)), step=int(a.get("step", 0)),
+                          start_ms=(e["ts"] - t0) / 1e3, dur_ms=e["dur"] / 1e3))
+    return sorted(spans, key=lambda s: s.start_ms)
+
+
+def rank_order(spans: list[Span]) -> list[str]:
+    """Attention ranks first, then FFN ranks, each by number."""
+    def key(name: str):
+        role, _, num = name.partition(" ")
+        return (0 if role == "attention" else 1, int(num) if num.isdigit() else 0, name)
+
+    return sorted({s.rank for s in spans}, key=key)
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out, i, j = [], 0, 0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if a < b:
+            out.append((a, b))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def select_steps(spans: list[Span], first: int | None = None, last: int | None = None) -> list[Span]:
+    return [s for s in spans if (first is None or s.step >= first) and (last is None or s.step <= last)]
+
+
+def summary(spans: list[Span]) -> tuple[list[list], dict]:
+    """Rows [rank, stage, spans, total ms, mean ms, % of window] and overall metrics:
+    window_ms, attention_ms and ffn_ms (time any rank of that side computes), overlap_ms (time
+    both sides compute at once), overlap_efficiency = overlap_ms / min(attention_ms, ffn_ms)
+    (1.0: the shorter side is fully hidden behind the other; 0 for strictly alternating
+    sides, as with one micro-batch), and busy[rank] = that rank's compute time / window."""
+    if not spans:
+        return [], {"window_ms": 0.0, "attention_ms": 0.0, "ffn_ms": 0.0, "overlap_ms": 0.0,
+                    "overlap_efficiency": 0.0, "busy": {}, "steps": 0}
+    window = max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
+    rows = []
+    for rank in rank_order(spans):
+        for stage in ("attention", "ffn", "send", "wait"):
+            mine = [s for s in spans if s.rank == rank and s.stage == stage]
+            if mine:
+                total = sum(s.dur_ms for s in mine)
+                rows.append([rank, stage, len(mine), round(total, 3), round(total / len(mine), 3),
+                             round(100 * total / window, 1) if window else 0.0])
+    side = {role: _union([(s.start_ms, s.end_ms) for s in spans if s.stage == role]) for role in COMPUTE}
+    overlap = _length(_intersection(side["attention"], side["ffn"]))
+    shorter = min(_length(side["attention"]), _length(side["ffn"]))
+    busy = {rank: (_length(_union([(s.start_ms, s.end_ms) for s in spans if s.rank == rank and s.stage in COMPUTE]))
+                   / window if window else 0.0) for rank in rank_order(spans)}
+    metrics = {"window_ms": window, "attention_ms": _length(side["attention"]), "ffn_ms": _length(side["ffn"]),
+               "overlap_ms": overlap, "overlap_efficiency": overlap / shorter if shorter else 0.0, "busy": busy,
+               "steps": len({s.step for s in spans})}
+    return rows, metrics
+
+
+def summary_markdown(metrics: dict) -> str:
+    if not metrics.get("steps"):
+        return "No spans in the trace."
+    busy = ", ".join(f"{r} {100 * b:.0f}%" for r, b in metrics["busy"].items())
+    return (f"**{metrics['steps']} steps in {metrics['window_ms']:.1f} ms.** Attention computes "
+            f"{metrics['attention_ms']:.1f} ms, FFN {metrics['ffn_ms']:.1f} ms; both at once {metrics['overlap_ms']:.1f} ms: "
+            f"**overlap efficiency {100 * metrics['overlap_efficiency']:.0f}%** (of the shorter side hidden behind "
+            f"the other). Busy (compute / window): {busy}.")
+
+
+def figure(spans: list[Span], title: str = "AFD timeline"):
+    """Gantt-like matplotlib figure: one row per rank, a bar per span colored by stage; the
+    second micro-batch is hatched; layer numbers label bars wide enough for them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ranks = rank_order(spans)
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.9 * max(1, len(ranks))))
+    if not spans:
+        ax.text(0.5, 0.5, "no spans", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    t0 = min(s.start_ms for s in spans)
+    width = max(s.end_ms for s in spans) - t0
+    for row, rank in enumerate(ranks):
+        for stage, color in STAGE_COLORS.items():
+            for mb in sorted({s.micro_batch for s in spans}):
+                bars = [(s.start_ms - t0, s.dur_ms) for s in spans if s.rank == rank and s.stage == stage
+                        and s.micro_batch == mb]
+                if bars:
+                    ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=color, edgecolor="black", linewidth=0.2,
+                                   hatch="//" if mb % 2 else None)
+        for s in spans:
+            if s.rank == rank and s.stage in COMPUTE and s.dur_ms > width / 60:
+                ax.text(s.start_ms - t0 + s.dur_ms / 2, row, f"L{s.layer}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(ranks)), ranks)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title, pad=22)
+    handles = [Patch(facecolor=c, label=n) for n, c in STAGE_COLORS.items()]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="micro-batch 1, 3, …"))
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8,
+              frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,315 @@
+"""The web console's handlers, without a browser: input validation, command lines, rank states,
+chat against no server and against a real 1A1F deployment, trace summaries, bench commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from afd_compile.cli import build_parser
+from afd_compile.roles.rendezvous import free_port
+from console import bench, chat, traces, validate
+from console.app import Console, build_app
+from console.launcher import Launcher, LaunchSpec, Rank, commands
+from console.validate import ConsoleError
+from tests.conftest import SHIPPED_MODEL
+
+FORM = dict(model=str(SHIPPED_MODEL), afd_size="2A2F", micro_batches=2, connector="shm", enforce_eager=True,
+            host="127.0.0.1", port=8100)
+
+
+def form(**changes):
+    return {**FORM, **changes}
+
+
+# ---- validation: every refusal is a sentence naming the field
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model=""), "Model directory is empty"),
+    (dict(model="/no/such/dir"), "does not exist"),
+    (dict(afd_size="2X2F"), "malformed afd_size '2X2F'"),
+    (dict(afd_size="0A1F"), "at least one attention"),
+    (dict(micro_batches=2.5), "Micro-batches must be a whole number"),
+    (dict(micro_batches=0), "Micro-batches must be between 1 and 16"),
+    (dict(connector="tcp"), "Connector must be one of gloo, shm, nccl"),
+    (dict(host="my host; rm -rf /"), "Host must be an IP address"),
+    (dict(port=80), "Port must be between 1024 and"),
+    (dict(port="http"), "Port must be a whole number"),
+    (dict(port=65535), "Port must be between 1024 and 65534"),  # 2A2F: attention rank 1 serves port + 1
+])
+def test_launch_form_validation(changes, message):
+    with pytest.raises(ConsoleError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LaunchSpec.from_form(**form(**changes))
+
+
+def test_model_dir_needs_config_json(tmp_path):
+    with pytest.raises(ConsoleError, match="has no config.json"):
+        validate.model_dir(tmp_path)
+
+
+def test_console_launch_shows_validation_error_and_starts_nothing(tmp_path):
+    c = Console(artifacts_dir=tmp_path)
+    message, table, *_ = c.launch(*form(model=str(tmp_path / "missing")).values())
+    assert message.startswith("⚠️") and "does not exist" in message
+    assert c.launcher.ranks == [] and table.empty
+
+
+# ---- command lines: argument lists, and the text to copy
+
+def test_rank_commands_are_argument_lists():
+    spec = LaunchSpec.from_form(**form())
+    ranks = spec.rank_commands()
+    assert [name for name, _ in ranks] == ["ffn 0", "ffn 1", "attention 0", "attention 1"]
+    for name, args in ranks:
+        assert isinstance(args, list) and all(isinstance(a, str) for a in args)
+        assert args[args.index("--afd-size") + 1] == "2A2F" and "--enforce-eager" in args
+        assert args[args.index("--rank") + 1] == name.split()[1]
+    assert ranks[0][1][0] == "ffn" and ranks[2][1][0] == "serve"
+    assert ranks[2][1][-4:] == ["--host", "127.0.0.1", "--port", "8100"]
+    assert spec.url(1) == "http://127.0.0.1:8101"
+    mono = LaunchSpec.from_form(**form(afd_size="monolithic"))
+    assert mono.rank_commands() == [("server", ["serve", "--model", str(SHIPPED_MODEL), "--enforce-eager",
+                                                "--host", "127.0.0.1", "--port", "8100"])]
+
+
+def test_commands_text_quotes_paths(tmp_path):
+    model = tmp_path / "my model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    spec = LaunchSpec.from_form(**form(model=str(model), afd_size="1A1F"))
+    text = commands(spec, master_port=29555)
+    assert f"afd launch --model '{model}' --afd-size 1A1F" in text
+    assert "export MASTER_ADDR=127.0.0.1 MASTER_PORT=29555" in text
+    assert f"afd ffn --model '{model}' --afd-size 1A1F --micro-batches 2 --connector shm --enforce-eager --rank 0" \
+        in text
+    assert "afd serve" in text and "--rank 0 --host 127.0.0.1 --port 8100" in text
+
+
+def test_cli_has_console_subcommand():
+    args = build_parser().parse_args(["console"])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    assert build_parser().parse_args(["console", "--port", "9000"]).port == 9000
+
+
+def test_app_builds(tmp_path):
+    demo = build_app(Console(artifacts_dir=tmp_path))
+    assert demo.console.artifacts == tmp_path
+
+
+# ---- rank states: starting -> ready -> stopped, and failed
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class FakeRank(Rank):
+    """A rank whose process is a stand-in Python script instead of `afd`."""
+
+    def __init__(self, name, script, url=None):
+        super().__init__(name, [], url)
+        self.script = script
+
+    @property
+    def argv(self):
+        return [sys.executable, "-c", self.script]
+
+
+def test_rank_state_transitions(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    launcher = Launcher()
+    attention = FakeRank("attention 0", "import time; print('up', flush=True); time.sleep(60)",
+                         url=f"http://127.0.0.1:{free_port()}")  # nothing listens yet
+    ffn = FakeRank("ffn 0", "import time; time.sleep(60)")
+    launcher.ranks = [ffn, attention]
+    launcher.spec = LaunchSpec.from_form(**form(afd_size="1A1F"))
+    try:
+        for r in launcher.ranks:
+            r.start(dict(__import__("os").environ))
+        rows = launcher.status_rows()
+        assert [r[2] for r in rows] == ["starting", "starting"]
+        assert all(isinstance(r[1], int) and r[3] >= 0 for r in rows)
+        assert "starting (0/2 ranks ready)" in launcher.summary()
+        attention.url = url  # its /health answers now
+        assert [r[2] for r in launcher.status_rows()] == ["ready", "ready"]  # FFN ready once attention is
+        assert "1A1F ready" in launcher.summary()
+        deadline = time.monotonic() + 5
+        while "up" not in list(attention.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "up" in launcher.logs()
+        launcher.stop()
+        assert [r[2] for r in launcher.status_rows()] == ["stopped", "stopped"]
+        assert launcher.summary() == "1A1F stopped."
+        uptime = launcher.status_rows()[0][3]
+        time.sleep(0.3)
+        assert launcher.status_rows()[0][3] == uptime  # the clock stops with the rank
+    finally:
+        launcher.stop()
+        server.shutdown()
+
+
+def test_rank_failure_is_reported(tmp_path):
+    launcher = Launcher()
+    bad = FakeRank("ffn 0", "import sys; print('afd: error: boom', flush=True); sys.exit(3)")
+    launcher.ranks = [bad]
+    launcher.spec = LaunchSpec.from_form(**form(afd_size="1A1F"))
+    bad.start(dict(__import__("os").environ))
+    bad.proc.wait(10)
+    time.sleep(0.2)  # the log pump
+    assert launcher.status_rows()[0][2] == "failed"
+    assert "ffn 0 failed** (exit code 3): afd: error: boom" in launcher.summary()
+
+
+# ---- chat
+
+def test_chat_without_server_says_so():
+    url = f"http://127.0.0.1:{free_port()}"
+    *_, (history, stats, box) = chat.respond("1 3 5 7 9", [], url, "", False, 0.0, 1.0, -1, 1.0, 16)
+    assert history[0] == {"role": "user", "content": "1 3 5 7 9"}
+    assert f"No server is running at {url}" in history[-1]["content"]
+    assert "No server is running" in stats and box == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0.0, 0.0, -1, 1.0, 16), "top_p must be in (0.0, 1.0]"),
+    ((-1.0, 1.0, -1, 1.0, 16), "Temperature must be in [0.0, 2.0]"),
+    ((0.0, 1.0, 0, 1.0, 16), "top_k must be -1 (off) or at least 1"),
+    ((0.0, 1.0, -1, 1.0, 0), "Max tokens must be between 1 and 4096"),
+])
+def test_chat_rejects_bad_sampling(args, message):
+    *_, (history, stats, box) = chat.respond("hi", [], "http://127.0.0.1:1", "", False, *args)
+    assert message in stats and history == [] and box == "hi"
+
+
+def test_answer_stats():
+    s = chat.AnswerStats(tokens=9, ttft_s=0.1, total_s=0.5)
+    assert s.tokens_per_s == pytest.approx(20.0)
+    assert "time to first token 100 ms" in s.markdown() and "20.0 tok/s" in s.markdown()
+    assert chat.AnswerStats(tokens=1, ttft_s=0.1, total_s=0.1).tokens_per_s is None
+
+
+def test_launch_chat_stop_1a1f(tmp_path):
+    """A real 1A1F deployment from the Launch handler: starting -> ready, a streamed answer with
+    its timing, then stopped."""
+    c = Console(artifacts_dir=tmp_path)
+    port = free_port()
+    message, table, cmds, url = c.launch(*form(afd_size="1A1F", port=port).values())
+    try:
+        assert message.startswith("Started 1A1F"), message
+        assert url == f"http://127.0.0.1:{port}" and "afd ffn" in cmds
+        assert set(table["state"]) <= {"starting", "ready"}
+        again, *_ = c.launch(*form(afd_size="1A1F", port=port).values())
+        assert "already running" in again
+        assert c.launcher.wait_ready(120), c.launcher.logs()
+        assert list(c.status_table()["state"]) == ["ready", "ready"]
+        *_, (history, stats, _) = chat.respond("1 3 5 7 9", [], url, "", False, 0.0, 1.0, -1, 1.0, 32)
+        assert history[-1]["content"].startswith("11 13 15 17 19"), history
+        assert "time to first token" in stats and "tok/s" in stats
+    finally:
+        c.stop()
+    assert list(c.status_table()["state"]) == ["stopped", "stopped"]
+
+
+# ---- traces
+
+def _synthetic_trace() -> dict:
+    """attention computes [0,10) and [20,30) ms, FFN [5,15) and [30,40) ms: they overlap in [5,10)."""
+    def ev(pid, name, start_ms, dur_ms, layer, mb, step=1):
+        return {"name": name, "cat": "x", "ph": "X", "pid": pid, "tid": 0, "ts": 1e9 + start_ms * 1e3,
+                "dur": dur_ms * 1e3, "args": {"layer": layer, "micro_batch": mb, "step": step}}
+
+    return {"traceEvents": [
+        {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "ffn 0"}},
+        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "attention 0"}},
+        ev(0, "attention", 0, 10, 0, 0), ev(0, "send", 10, 1, 0, 0), ev(0, "wait", 11, 9, 0, 0),
+        ev(0, "attention", 20, 10, 1, 1, step=2),
+        ev(1, "wait", 0, 5, 0, 0), ev(1, "ffn", 5, 10, 0, 0), ev(1, "send", 15, 2, 0, 0),
+        ev(1, "ffn", 30, 10, 1, 1, step=2),
+    ], "displayTimeUnit": "ms"}
+
+
+def test_trace_summary_numbers(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_synthetic_trace()))
+    spans = traces.load_spans(path)
+    assert traces.rank_order(spans) == ["attention 0", "ffn 0"]
+    assert spans[0].start_ms == 0.0
+    rows, m = traces.summary(spans)
+    assert m["window_ms"] == pytest.approx(40.0)
+    assert m["attention_ms"] == pytest.approx(20.0) and m["ffn_ms"] == pytest.approx(20.0)
+    assert m["overlap_ms"] == pytest.approx(5.0)
+    assert m["overlap_efficiency"] == pytest.approx(0.25)
+    assert m["busy"] == {"attention 0": pytest.approx(0.5), "ffn 0": pytest.approx(0.5)}
+    assert m["steps"] == 2
+    by = {(r[0], r[1]): r for r in rows}
+    assert by["attention 0", "attention"][2:] == [2, 20.0, 10.0, 50.0]
+    assert by["attention 0", "wait"][2:] == [1, 9.0, 9.0, 22.5]
+    assert by["ffn 0", "send"][2:] == [1, 2.0, 2.0, 5.0]
+    assert "overlap efficiency 25%" in traces.summary_markdown(m)
+    # one step only
+    _, m1 = traces.summary(traces.select_steps(spans, 2, 2))
+    assert m1["steps"] == 1 and m1["overlap_ms"] == 0.0 and m1["window_ms"] == pytest.approx(20.0)
+    fig = traces.figure(spans)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["attention 0", "ffn 0"]
+    # through the Traces tab's handler
+    c = Console(artifacts_dir=tmp_path)
+    fig, md, table = c.show_trace(str(path), -1, -1)
+    assert "overlap efficiency 25%" in md and len(table) == len(rows)
+
+
+def test_record_args():
+    spec = LaunchSpec.from_form(**form(afd_size="1A1F"))
+    args = traces.record_args(spec, 4, "/tmp/x.json")
+    assert args[0] == "generate" and args[args.index("--trace") + 1] == "/tmp/x.json"
+    assert args[args.index("--max-tokens") + 1] == "5" and "--chat" in args
+    assert len(args) - args.index("--") - 1 == 4  # 2 prompts per micro-batch
+    with pytest.raises(ConsoleError, match="set an AFD size"):
+        traces.record_args(LaunchSpec.from_form(**form(afd_size="monolithic")), 4, "/tmp/x.json")
+
+
+# ---- bench
+
+def test_bench_args_and_results(tmp_path):
+    assert bench.bench_args("connector") == ["bench", "--scenario", "connector"]
+    args = bench.bench_args("monolithic", "1, 16", 8, 1, "eager", out=tmp_path / "m.json")
+    assert args == ["bench", "--scenario", "monolithic", "--batch-sizes", "1,16", "--steps", "8", "--repeats", "1",
+                    "--backends", "eager", "--out", str(tmp_path / "m.json")]
+    with pytest.raises(ConsoleError, match="Backends: unknown vllm"):
+        bench.bench_args("monolithic", backends="eager,vllm")
+    with pytest.raises(ConsoleError, match="malformed afd_size"):
+        bench.bench_args("serve", deployments="monolithic,2B2F")
+    with pytest.raises(ConsoleError, match="Batch sizes must be a comma-separated list"):
+        bench.bench_args("monolithic", batch_sizes="1;rm")
+    for scenario in bench.SCENARIOS:  # the committed results render
+        headers, rows = bench.results_table(scenario)
+        if bench.results_path(scenario).exists():
+            assert headers and rows and all(len(r) == len(headers) for r in rows)
+            assert bench.results_image(scenario, out_dir=tmp_path)
+    assert bench.results_table("serve", tmp_path) == ([], [])
+    assert "No results yet" in bench.results_info("serve", tmp_path)
+
+
+def test_bench_run_from_console(tmp_path):
+    """The Bench tab's Run: `afd bench --scenario connector` as a subprocess, its output streamed,
+    then its table rebuilt from the JSON it wrote (into the console's results folder)."""
+    c = Console(artifacts_dir=tmp_path / "artifacts", results_dir=tmp_path / "results")
+    outputs = list(c.run_bench("connector", "1", 2, 1, "eager", "monolithic", "1", 1))
+    assert outputs[0][0].startswith("$ afd bench --scenario connector --out ")
+    log, info, table, image = outputs[-1]
+    assert "wrote" in log and "connector.json" in info
+    assert list(table.columns)[:2] == ["payload bytes", "tcp (raw socket) µs"] and len(table) > 3
+    assert image and image.endswith("connector.png")
+    bad = list(c.run_bench("monolithic", "1", 2, 1, "vllm", "monolithic", "1", 1))
+    assert bad[-1][0].startswith("⚠️ Backends: unknown vllm")
+    assert c.stop_bench() == "No benchmark is running."

@@ -1,0 +1,146 @@
+"""End to end in headless Chromium: `afd console`, driven from the page alone.
+
+Launches 1A1F on the shipped model (eager), waits until every rank is ready, chats
+"1 3 5 7 9" and sees "11 13", records a trace and sees the timeline, looks at the bench
+results, and stops the ranks. Screenshots of every tab go to test-artifacts/console/ (or
+$AFD_TEST_ARTIFACTS/console/).
+
+Needs the system Chromium (`apt-get install -y chromium`) and the playwright package; skipped
+otherwise. Playwright's own browser download is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from afd_compile.roles.rendezvous import free_port
+from tests.server_fixtures import _die_with_parent
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+REPO = Path(__file__).resolve().parents[1]
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`", allow_module_level=True)
+sync_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                      "(pip install -e '.[test]')").sync_playwright
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    path = Path(os.environ.get("AFD_TEST_ARTIFACTS", REPO / "test-artifacts")) / "console"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def console_url(artifacts):
+    """`afd console` in its own process group, its output in a log file; stopped with SIGTERM."""
+    port = free_port()
+    log = open(artifacts / "console.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", "console", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_parent, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (artifacts / "console.log").read_text()
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the console did not answer within 60 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the console stops the ranks it started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+@pytest.mark.timeout(300)
+def test_console_in_browser(console_url, artifacts):
+    started = time.monotonic()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(console_url)
+            page.locator("#launch-btn").wait_for(timeout=30_000)
+
+            # Launch: a validation error first, then 1A1F with --enforce-eager on a free port.
+            page.locator("#afd-size textarea, #afd-size input").first.fill("2X2F")
+            page.locator("#launch-btn").click()
+            page.locator("#launch-message").get_by_text("malformed afd_size").wait_for(timeout=15_000)
+            page.locator("#afd-size textarea, #afd-size input").first.fill("1A1F")
+            port = free_port()
+            page.locator("#port input").fill(str(port))
+            page.locator("#enforce-eager input[type=checkbox]").check()
+            page.locator("#launch-btn").click()
+            page.locator("#launch-message").get_by_text("Started 1A1F").wait_for(timeout=30_000)
+            page.locator("#deployment-state").get_by_text("1A1F ready").wait_for(timeout=120_000)
+            status = page.locator("#rank-status").inner_text()
+            assert "attention 0" in status and "ffn 0" in status and "ready" in status
+            assert "afd ffn" in page.locator("#commands").inner_text()
+            page.screenshot(path=str(artifacts / "1-launch.png"), full_page=True)
+
+            # Chat: the server URL came from the Launch tab.
+            page.get_by_role("tab", name="Chat").click()
+            assert page.locator("#server-url textarea, #server-url input").first.input_value() == \
+                f"http://127.0.0.1:{port}"
+            box = page.locator("#chat-input textarea, #chat-input input").first
+            box.fill("1 3 5 7 9")
+            box.press("Enter")
+            page.locator("#chatbot").get_by_text("11 13", exact=False).wait_for(timeout=60_000)
+            page.locator("#chat-stats").get_by_text("time to first token", exact=False).wait_for(timeout=30_000)
+            assert "tok/s" in page.locator("#chat-stats").inner_text()
+            page.screenshot(path=str(artifacts / "2-chat.png"), full_page=True)
+
+            # Traces: record 3 decode steps with the same settings and see the timeline.
+            page.get_by_role("tab", name="Traces").click()
+            page.locator("#trace-steps input").fill("3")
+            page.locator("#record-btn").click()
+            page.locator("#trace-message").get_by_text("Recorded", exact=False).wait_for(timeout=120_000)
+            page.locator("#timeline img, #timeline svg, #timeline canvas").first.wait_for(timeout=30_000)
+            assert "overlap efficiency" in page.locator("#trace-summary").inner_text()
+            assert "attention 0" in page.locator("#trace-table").inner_text()
+            page.screenshot(path=str(artifacts / "3-traces.png"), full_page=True)
+            with page.expect_download(timeout=30_000) as download:
+                page.locator("#trace-download").click()
+            trace = json.loads(Path(download.value.path()).read_text())
+            names = {e["args"]["name"] for e in trace["traceEvents"] if e.get("ph") == "M"}
+            assert names == {"attention 0", "ffn 0"}, names
+
+            # Bench: the committed results of the default scenario (serve) render.
+            page.get_by_role("tab", name="Bench").click()
+            page.locator("#bench-info").get_by_text("serve.json", exact=False).wait_for(timeout=30_000)
+            page.screenshot(path=str(artifacts / "4-bench.png"), full_page=True)
+
+            # Stop the ranks from the page.
+            page.get_by_role("tab", name="Launch").click()
+            page.locator("#stop-btn").click()
+            page.locator("#deployment-state").get_by_text("1A1F stopped.").wait_for(timeout=60_000)
+            assert "ready" not in page.locator("#rank-status").inner_text()
+            page.screenshot(path=str(artifacts / "5-stopped.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(artifacts / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    print(f"console browser test: {time.monotonic() - started:.1f} s; screenshots in {artifacts}")
