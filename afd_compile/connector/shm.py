@@ -56,15 +56,17 @@ class Ring:
         if create:
             self.ctrl[:] = 0
 
-    def _wait(self, ready, peer_slot: int, timeout_s: float, what: str) -> None:
+    def _wait(self, ready, peer_slot: int, timeout_s: float, what: str, patient: bool = False) -> None:
+        """patient: the wait is expected to be long (an idle rank's ack), so sleep from the start."""
         start = time.monotonic()
         next_check = start + 0.05
+        yield_s = 0.0 if patient else _YIELD_S
         while not ready():
             now = time.monotonic()
             waited = now - start
             # Short waits (the steady decode pipeline) stay responsive; long ones (an idle
             # peer) cost little CPU and add at most ~10% latency.
-            time.sleep(0 if waited < _YIELD_S else min(waited / 10, _MAX_SLEEP_S))
+            time.sleep(0 if waited < yield_s else min(waited / 10 + 50e-6, _MAX_SLEEP_S))
             if now >= next_check:
                 next_check = now + 0.05
                 pid = int(self.ctrl[peer_slot])
@@ -87,14 +89,14 @@ class Ring:
             head, done = head + chunk, done + chunk
             ctrl[_HEAD] = head  # publish after the bytes (x86-64 store order)
 
-    def read_into(self, out: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
+    def read_into(self, out: torch.Tensor, timeout_s: float, what: str, patient: bool = False) -> torch.Tensor:
         ctrl, size = self.ctrl, self.size
         ctrl[_READER] = os.getpid()
         dst = out.view(-1).view(torch.uint8).numpy()
         tail, done, n = int(ctrl[_TAIL]), 0, dst.size
         while done < n:
             if int(ctrl[_HEAD]) <= tail:
-                self._wait(lambda t=tail: int(ctrl[_HEAD]) > t, _WRITER, timeout_s, what)
+                self._wait(lambda t=tail: int(ctrl[_HEAD]) > t, _WRITER, timeout_s, what, patient)
             pos = tail % size
             chunk = min(n - done, int(ctrl[_HEAD]) - tail, size - pos)
             dst[done : done + chunk] = self.data[pos : pos + chunk]
@@ -151,7 +153,9 @@ class ShmConnector(AFDConnector):
         return self.inp[0].read_into(out, self.timeout, f"receiving the FFN output of micro-batch {micro_batch}")
 
     def recv_ack(self) -> None:
-        t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout, "waiting for an ack")
+        # An idle rank waits here while the FFN ranks serve its busy peers: it must not spin.
+        t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout, "waiting for an ack",
+                                  patient=True)
         if StepHeader.from_tensor(t).kind is not Kind.ACK:
             raise ConnectorError("protocol error: expected ACK from the FFN rank")
 
