@@ -196,6 +196,8 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every endpoint but /health (env AFD_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model path)")
+    p.add_argument("--console", action="store_true",
+                   help="also mount the web console at /console (local use: it can start processes)")
 
 
 def cmd_serve(args) -> None:
@@ -205,13 +207,14 @@ def cmd_serve(args) -> None:
     from afd_compile.serve.server import serve
 
     if args.afd_size is None:
-        serve(_engine_config(args), None, args.host, args.port, args.api_key, args.served_model_name, args.log_level)
+        serve(_engine_config(args), None, args.host, args.port, args.api_key, args.served_model_name, args.log_level,
+              args.console)
         return
     if args.role is not None and parse_role(args.role) != "attention":
         raise AfdError("afd serve runs attention ranks; start FFN ranks with `afd ffn`")
     if args.rank is not None:
         serve(_engine_config(args), _afd_config(args, "attention", args.rank), args.host, args.port, args.api_key,
-              args.served_model_name, args.log_level)
+              args.served_model_name, args.log_level, args.console)
         return
     _supervise(args, roles=("attention",))
 
@@ -237,7 +240,7 @@ def _supervise(args, roles: tuple[str, ...]) -> None:
     if args.api_key:
         env["AFD_API_KEY"] = args.api_key  # through the environment, not the process list
     sup = Supervisor(env)
-    server = ["--host", args.host, "--port", str(args.port)]
+    server = ["--host", args.host, "--port", str(args.port)] + (["--console"] if args.console else [])
     if args.served_model_name:
         server += ["--served-model-name", args.served_model_name]
     for role in roles:

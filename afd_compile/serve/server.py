@@ -43,10 +43,16 @@ def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None) -> tuple[
 
 
 def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,
-          served_model_name: str | None, log_level: str) -> None:
+          served_model_name: str | None, log_level: str, console: bool = False) -> None:
     async_engine, backend = make_async_engine(engine_cfg, afd)
     name = served_model_name or str(engine_cfg.model)
     app = build_app(async_engine, name, api_key, async_engine.engine.max_model_len, backend)
+    if console:  # opt-in: gradio is a heavy import every other server should not pay
+        import gradio as gr
+
+        from console.app import build_app as build_console
+
+        app = gr.mount_gradio_app(app, build_console(), path="/console")
     if afd is not None and afd.rank:
         port += afd.rank  # attention rank i serves on port + i
     log.info("serving %s (%s) on http://%s:%d", Path(str(engine_cfg.model)).name, backend, host, port)
