@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from afd_compile.roles.launcher import _die_with_parent
+from afd_compile.roles.launcher import die_with_parent, stop_process_group
 from afd_compile.roles.rendezvous import free_port
 from afd_compile.topology import Topology
 from console import validate
@@ -44,7 +43,7 @@ _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-spawner
 
 def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
     """Popen(argv) in its own process group, ended with the console (even if it is SIGKILLed)."""
-    kwargs = {"stdin": subprocess.DEVNULL, "start_new_session": True, "preexec_fn": _die_with_parent, **popen_kwargs}
+    kwargs = {"stdin": subprocess.DEVNULL, "start_new_session": True, "preexec_fn": die_with_parent, **popen_kwargs}
     return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
 
 
@@ -175,20 +174,7 @@ class Rank:
         if self.proc is None:
             return
         self.stop_requested = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_process_group(self.proc, grace_s)
         self.state()
 
 

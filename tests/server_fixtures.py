@@ -7,9 +7,7 @@ grace period, so a test run never leaves a server behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from afd_compile.roles.launcher import die_with_parent, stop_process_group
 from afd_compile.roles.rendezvous import free_port
 
 SEED_MODEL_NAME = "/data2/models/deepseek-v2-lite"  # the model path in the seed README's curl request
@@ -33,7 +32,7 @@ class Proc:
         full_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -46,30 +45,7 @@ class Proc:
         return "\n".join(self.stderr().splitlines()[-n:])
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        # The group may still hold ranks the process supervised: end them, and reap the child.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the test process dies, even by SIGKILL (Linux), so
-    no server outlives a killed test run (`afd launch` passes this on to its ranks)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        stop_process_group(self.proc, grace_s)  # the group may still hold ranks it supervised
 
 
 class Deployment:

@@ -40,7 +40,7 @@ class Supervisor:
     def start(self, name: str, args: list[str]) -> Child:
         child = Child(name, [sys.executable, "-m", "afd_compile.cli", *args])
         child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, bufsize=1, preexec_fn=_die_with_parent)
+                                      text=True, bufsize=1, preexec_fn=die_with_parent)
         child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
                        threading.Thread(target=self._pump, args=(child, child.proc.stdout, name in self.capture_stdout),
                                         daemon=True)]
@@ -93,7 +93,26 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _die_with_parent() -> None:
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM (a rank says goodbye to its peers), then SIGKILL of the process's whole group:
+    whatever ranks it supervised go too. For children started with start_new_session=True."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
