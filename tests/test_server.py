@@ -729,3 +729,56 @@ def test_openapi_lists_the_endpoints(mono):
     assert "get" in spec["paths"]["/v1/models"]
     schemas = spec["components"]["schemas"]
     assert {"ChatCompletionRequest", "CompletionRequest", "ErrorResponse"} <= set(schemas)
+
+
+def test_sigterm_lets_running_requests_finish(shipped_model, tmp_path):
+    """Graceful shutdown: after SIGTERM the server accepts nothing new, a stream already running
+    completes with its finish reason, and the process exits on its own."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from afd_compile.roles.rendezvous import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", "serve", "--model", str(shipped_model),
+                             "--enforce-eager", "--port", str(port)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        chunks, finish = [], []
+        started = threading.Event()
+
+        def stream():
+            body = {"messages": [{"role": "user", "content": "1 3 5"}], "max_tokens": 200, "ignore_eos": True,
+                    "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        chunks.append(chunk)
+                        started.set()
+                        if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                            finish.append(chunk["choices"][0]["finish_reason"])
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert finish == ["length"]
+        assert proc.wait(40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

@@ -16,6 +16,7 @@ from afd_compile.serve.async_engine import AsyncEngine
 from afd_compile.serve.metrics import Metrics
 
 log = logging.getLogger("afd.serve")
+SHUTDOWN_GRACE_S = 30
 
 
 def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None) -> tuple[AsyncEngine, str]:
@@ -63,7 +64,9 @@ def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int,
         # uvicorn's own lines ("Application startup complete.") at INFO whatever --log-level says,
         # as the seed README checks for them; one line per request only with --log-level INFO/DEBUG.
         level = log_level.upper()
+        # On SIGTERM uvicorn stops accepting and lets running requests finish, for at most
+        # SHUTDOWN_GRACE_S; what is still running then is cancelled (its KV slot freed).
         uvicorn.run(app, host=host, port=port, log_level="debug" if level == "DEBUG" else "info",
-                    access_log=level in ("DEBUG", "INFO"))
+                    access_log=level in ("DEBUG", "INFO"), timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         async_engine.close()
