@@ -782,3 +782,24 @@ def test_sigterm_lets_running_requests_finish(shipped_model, tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_live_trace_of_the_running_afd_deployment(afd, mono):
+    """POST /debug/trace records the next steps of every rank while requests run; the answer is
+    Chrome trace JSON with attention and FFN spans of the same steps, per layer."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        traced = pool.submit(post, afd, "/debug/trace", {"steps": 3, "timeout": 30}, timeout=60)
+        for _ in range(3):
+            pool.submit(chat, afd, "1 3 5 7 9", max_tokens=12, ignore_eos=True, temperature=0)
+        r = traced.result()
+    assert r.status_code == 200, r.text
+    spans = [e for e in r.json()["traceEvents"] if e["ph"] == "X"]
+    by_rank = {(e["cat"], e["name"]) for e in spans}
+    assert {("attention", "attention"), ("attention", "wait"), ("ffn", "ffn"), ("ffn", "wait")} <= by_rank
+    steps = {e["args"]["step"] for e in spans}
+    assert 1 <= len(steps) <= 3
+    assert {e["args"]["step"] for e in spans if e["cat"] == "ffn"} <= steps
+    assert {e["args"]["layer"] for e in spans if e["name"] == "ffn"} == set(range(4))
+    assert_error(post(mono, "/debug/trace", {"steps": 3}), 400, contains=("monolithic",))

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 
 MAX_MICRO_BATCHES = 16
-HEADER_LEN = 3 + MAX_MICRO_BATCHES
+HEADER_LEN = 4 + MAX_MICRO_BATCHES
+
+
+class Flag(enum.IntFlag):
+    TRACE = 1  # FFN ranks record this round on their timeline
+    DUMP = 2  # FFN ranks publish their timeline (rendezvous store key afd/trace/<step>/ffn<rank>)
 
 
 class Kind(enum.IntEnum):
@@ -38,17 +43,18 @@ class StepHeader:
     kind: Kind
     step: int = 0
     tokens: tuple[int, ...] = ()  # token rows per micro-batch
+    flags: Flag = Flag(0)
 
     def to_tensor(self) -> torch.Tensor:
         t = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        t[0], t[1], t[2] = int(self.kind), self.step, len(self.tokens)
-        t[3 : 3 + len(self.tokens)] = torch.tensor(self.tokens, dtype=torch.int64)
+        t[0], t[1], t[2], t[3] = int(self.kind), self.step, int(self.flags), len(self.tokens)
+        t[4 : 4 + len(self.tokens)] = torch.tensor(self.tokens, dtype=torch.int64)
         return t
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "StepHeader":
-        kind, step, m = (int(v) for v in t[:3])
-        return cls(Kind(kind), step, tuple(int(v) for v in t[3 : 3 + m]))
+        kind, step, flags, m = (int(v) for v in t[:4])
+        return cls(Kind(kind), step, tuple(int(v) for v in t[4 : 4 + m]), Flag(flags))
 
 
 class ConnectorError(RuntimeError):

@@ -10,7 +10,9 @@ l+1 needs it.
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from afd_compile.config import EngineConfig
-from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Kind, StepHeader
+from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader
 from afd_compile.engine.model_runner import COMPILE_OPTIONS
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
@@ -46,7 +48,7 @@ class MicroBatch:
 
 class AFDModelRunner:
     def __init__(self, model: DeepseekV2, config: EngineConfig, max_model_len: int, connector: AFDConnector,
-                 micro_batches: int = 1, tracer: Tracer | None = None):
+                 micro_batches: int = 1, tracer: Tracer | None = None, world=None):
         if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
             raise AfdError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
         self.model, self.config, self.max_model_len = model, config, max_model_len
@@ -67,6 +69,9 @@ class AFDModelRunner:
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
         self.steps = itertools.count()
         self.wait_observer = None  # (layer, seconds) of each wait for FFN output, e.g. for /metrics
+        self.world = world  # rendezvous store and topology, for collecting the FFN ranks' timelines
+        self.always_trace = self.tracer.enabled  # started with --trace: record every step
+        self.trace_remaining = 0  # steps still to record for record_trace()
 
     # ---- building micro-batches
     def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int, pack: bool) -> MicroBatch:
@@ -138,9 +143,40 @@ class AFDModelRunner:
     # ---- the ping-pong pipeline
     def _pipeline(self, mbs: list[MicroBatch], attention) -> torch.Tensor:
         step = next(self.steps)
-        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs)))
+        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs), self._step_flags()))
         logits = self._layers(mbs, attention, step)
+        self._step_traced()
         return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()
+
+    # ---- live traces of the running deployment
+    def record_trace(self, steps: int) -> None:
+        """Records the next `steps` steps on this rank and on the FFN ranks it reaches."""
+        self.tracer.events.clear()
+        self.tracer.enabled, self.trace_remaining = True, steps
+
+    def _step_flags(self) -> Flag:
+        return Flag.TRACE if self.trace_remaining > 0 else Flag(0)
+
+    def _step_traced(self) -> None:
+        if self.trace_remaining > 0:
+            self.trace_remaining -= 1
+            self.tracer.enabled = self.always_trace or self.trace_remaining > 0
+
+    def collect_trace(self, timeout_s: float) -> dict:
+        """This rank's recorded events merged with every FFN rank's, as Chrome trace JSON."""
+        dump_id = time.time_ns() % (1 << 62)
+        self.connector.send_step(StepHeader(Kind.IDLE, dump_id, flags=Flag.DUMP))
+        self.connector.recv_ack()
+        keys = [f"afd/trace/{dump_id}/ffn{j}" for j in range(self.world.topology.num_ffn)]
+        self.world.store.wait(keys, datetime.timedelta(seconds=timeout_s))
+        events = self.tracer.to_json()["traceEvents"]
+        for key in keys:
+            events += json.loads(self.world.store.get(key))["traceEvents"]
+        self.trace_remaining = 0
+        self.tracer.enabled = self.always_trace
+        if not self.always_trace:
+            self.tracer.events.clear()
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def _layers(self, mbs: list[MicroBatch], attention, step: int) -> list[torch.Tensor]:
         """Every layer for every micro-batch, staggered; per micro-batch logits [b, vocab].

@@ -41,8 +41,10 @@ class DecodeGraphs:
         for s, mb in zip(static, mbs):
             _fill(s, mb)
         step = next(self.runner.steps)
-        self.runner.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs)))
-        graph.replay()
+        self.runner.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs),
+                                                   self.runner._step_flags()))
+        graph.replay()  # host-side spans are not recorded inside a replay; the FFN side's are
+        self.runner._step_traced()
         return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()
 
     def _capture(self, mbs):

@@ -9,13 +9,14 @@ peers are idle. Idle peers get an ack at the end of the round.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import torch
 import torch.distributed as dist
 
-from afd_compile.connector.base import AFDConnector, Kind
+from afd_compile.connector.base import AFDConnector, Flag, Kind
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer
@@ -33,13 +34,22 @@ class FFNWorker:
         self.hidden = model.cfg.hidden_size
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.always_trace = self.tracer.enabled  # started with --trace: record every round
 
-    def _round_micro_batches(self, local: int) -> int:
+    def _agree(self, m: int, trace: int, dump: int) -> tuple[int, int, int]:
+        """The FFN ranks' common round: most micro-batches, and whether any peer asked for a
+        trace or a dump (a dump id, 0 if none). One all-reduce."""
         if self.world.topology.num_ffn == 1:
-            return local
-        m = torch.tensor([local])
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.world.ffn_group)
-        return int(m)
+            return m, trace, dump
+        t = torch.tensor([m, trace, dump])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world.ffn_group)
+        return int(t[0]), int(t[1]), int(t[2])
+
+    def _publish_trace(self, dump_id: int) -> None:
+        """Hands this rank's timeline to the attention rank that asked, through the store."""
+        self.world.store.set(f"afd/trace/{dump_id}/ffn{self.world.rank}", json.dumps(self.tracer.to_json()))
+        if not self.always_trace:
+            self.tracer.events.clear()
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -53,16 +63,21 @@ class FFNWorker:
                 if h.kind is Kind.SHUTDOWN:
                     active.discard(p)
             steps = {p: h.tokens for p, h in headers.items() if h.kind is Kind.STEP}
-            m = self._round_micro_batches(max((len(t) for t in steps.values()), default=0)
-                                          if active else -1)
+            m, trace, dump = self._agree(
+                max((len(t) for t in steps.values()), default=0) if active else -1,
+                int(any(h.flags & Flag.TRACE for h in headers.values())),
+                max((h.step for h in headers.values() if h.flags & Flag.DUMP), default=0))
             if m < 0:  # every FFN rank has lost all its peers
                 break
+            self.tracer.enabled = self.always_trace or bool(trace)
             if m == 0:
                 time.sleep(idle_wait)
                 idle_wait = min(idle_wait * 2, IDLE_BACKOFF_S[1])
             else:
                 idle_wait = IDLE_BACKOFF_S[0]
                 self._run_round(steps, m, next(iter(headers.values())).step if headers else 0)
+            if dump:
+                self._publish_trace(dump)
             for p, h in headers.items():
                 if h.kind is Kind.IDLE:
                     self.connector.send_ack(p)

@@ -97,5 +97,5 @@ def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngin
     tracer = Tracer(f"attention {afd.rank}", world.global_rank, enabled=afd.trace is not None)
     connector = _connector(afd, world, hf, engine_cfg)
     engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
-        m, engine_cfg, n, connector, afd.micro_batches, tracer))
+        m, engine_cfg, n, connector, afd.micro_batches, tracer, world))
     return engine, tracer

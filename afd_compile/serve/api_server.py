@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from afd_compile.errors import AfdError
 from afd_compile.serve.async_engine import AsyncEngine, Delta
 from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
-                                        SamplingRequest, Usage, new_id, now)
+                                        SamplingRequest, TraceRequest, Usage, new_id, now)
 
 log = logging.getLogger("afd.serve")
 MAX_BODY_BYTES = 1 << 20
@@ -201,6 +201,15 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         if not engine.healthy:
             return error_response(503, f"the backend is down: {engine.error}", "service_unavailable")
         return {"status": "ok", "backend": backend}
+
+    @app.post("/debug/trace", responses={400: {"model": ErrorResponse}})
+    async def trace(req: TraceRequest):
+        """Records the next `steps` steps of every rank of this AFD deployment (while requests
+        run) and returns them merged, as Chrome trace JSON (open in Perfetto)."""
+        try:
+            return await engine.record_trace(req.steps, req.timeout)
+        except AfdError as e:
+            raise APIError(400, str(e)) from None
 
     @app.get("/metrics")
     async def metrics():

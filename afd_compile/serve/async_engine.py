@@ -57,6 +57,7 @@ class AsyncEngine:
         self.streams: dict[str, _Stream] = {}
         self.error: str | None = None
         self._stopped = threading.Event()
+        self._trace: tuple[float, asyncio.Future] | None = None  # a pending record_trace: (deadline, result)
         self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
         self.thread.start()
 
@@ -95,6 +96,15 @@ class AsyncEngine:
             if not finished and "request_id" in holder:  # the client went away: free its KV slot
                 self.commands.put(("abort", holder["request_id"]))
 
+    async def record_trace(self, steps: int, timeout_s: float) -> dict:
+        """Chrome trace of the next `steps` engine steps on every rank (AFD deployments only).
+        Steps happen only while requests run; after timeout_s what was recorded is returned."""
+        if not hasattr(self.engine.runner, "record_trace"):
+            raise AfdError("traces record the ranks of an AFD deployment; this server is monolithic")
+        future = asyncio.get_running_loop().create_future()
+        self.commands.put(("trace", steps, time.monotonic() + timeout_s, future))
+        return await future
+
     def close(self, timeout_s: float = 10.0) -> None:
         self._stopped.set()
         self.commands.put(("stop",))
@@ -111,6 +121,7 @@ class AsyncEngine:
                 elif self.idle is not None and not self._stopped.is_set():
                     self.idle()
                 self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
+                self._finish_trace()
         except Exception as e:  # a dead FFN rank, a broken connector, ...: fail every request clearly
             self.error = f"{type(e).__name__}: {e}"
             log.error("engine loop stopped: %s", self.error)
@@ -136,7 +147,27 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _finish_trace(self) -> None:
+        if self._trace is None:
+            return
+        deadline, future = self._trace
+        runner = self.engine.runner
+        if runner.trace_remaining > 0 and time.monotonic() < deadline:
+            return
+        self._trace = None
+        try:
+            result = runner.collect_trace(timeout_s=10)
+        except Exception as e:  # the future must be answered; a dead link also ends the loop
+            future.get_loop().call_soon_threadsafe(future.set_exception, e)
+            raise
+        future.get_loop().call_soon_threadsafe(future.set_result, result)
+
     def _apply(self, command) -> None:
+        if command[0] == "trace":
+            _, steps, deadline, future = command
+            self.engine.runner.record_trace(steps)
+            self._trace = (deadline, future)
+            return
         if command[0] == "add":
             _, prompt, params, loop, out, holder = command
             try:

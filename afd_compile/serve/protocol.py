@@ -91,3 +91,8 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class TraceRequest(BaseModel):
+    steps: int = Field(default=8, ge=1, le=1000)
+    timeout: float = Field(default=30.0, gt=0, le=600)
