@@ -81,6 +81,20 @@ class Console:
             yield f"⚠️ {e}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         path = self.artifacts / f"trace-{spec.name}-{time.strftime('%H%M%S')}.json"
+        running = self.launcher.spec if self.launcher.running else None
+        if running is not None and running.topology is not None and all(
+                r.state() == "ready" for r in self.launcher.ranks):
+            yield (f"Recording the next {steps} steps of the running {running.name} deployment "
+                   "(`POST /debug/trace`, with a few chat requests to drive it)…",
+                   gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            try:
+                traces.record_live(running.url(), steps, path)
+            except ConsoleError as e:
+                yield f"⚠️ {e}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return
+            fig, md, table = self.show_trace(str(path))
+            yield f"Recorded `{path}` from the running deployment.", fig, md, table, str(path), str(path)
+            return
         shown = shlex.join(["afd", *args[:args.index("--")]]).replace("TRACE.json", path.name)
         yield (f"Recording {steps} decode steps with a separate short run: `{shown} -- PROMPTS…`",
                gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
@@ -182,8 +196,9 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                     multi_turn = gr.Checkbox(False, label="send earlier turns (the demo model is trained on single turns)")
 
             with gr.Tab("Traces", id="traces", elem_id="tab-traces"):
-                gr.Markdown("Records N decode steps with a short separate run using the Launch tab's settings "
-                            "(`afd generate --trace`), then shows every rank on one timeline.")
+                gr.Markdown("Records the next N steps of the running AFD deployment (`POST /debug/trace`), or, "
+                            "with none running, of a short separate run with the Launch tab's settings "
+                            "(`afd generate --trace`); then shows every rank on one timeline.")
                 with gr.Row():
                     steps = gr.Number(4, precision=0, label="Decode steps to record", elem_id="trace-steps")
                     record_btn = gr.Button("Record", variant="primary", elem_id="record-btn")

@@ -1,15 +1,17 @@
 """Record a few decode steps of an AFD deployment and show every rank on one timeline.
 
-Design: ranks write their Chrome trace when they exit (afd_compile/trace.py), so a running
-deployment cannot hand over its timeline on demand. "Record" therefore runs a short separate
-deployment with the same settings as the Launch tab (model, afd_size, micro-batches,
-connector, eager or compiled):
+With an AFD deployment running (Launch tab), "Record" asks it for its next N steps through
+`POST /debug/trace` on attention rank 0 while a few chat requests keep it busy: every rank of
+the running system records those steps, the FFN ranks hand theirs over through the rendezvous
+store, and the merged Chrome trace comes back (record_live).
+
+With nothing running, it runs a short separate deployment with the Launch tab's settings:
 
     afd generate --afd-size X --micro-batches m --connector c --trace FILE --max-tokens N+1 --chat -- PROMPTS
 
 which starts every rank, generates, exits, and merges the ranks' traces into FILE
-(roles/generate.py). It uses its own rendezvous port, so it runs beside a launched deployment.
-The first step is the prefill; the N after it are decode steps (fewer if every prompt ends early).
+(roles/generate.py), on its own rendezvous port. Its first step is the prefill; the N after it
+are decode steps (fewer if every prompt ends early).
 
 The plot has one row per rank and one bar per span (attention / send / wait / ffn) for each
 layer and micro-batch; the summary gives time per stage and how well the two sides overlap.
@@ -17,13 +19,17 @@ layer and micro-batch; the summary gives time per stage and how well the two sid
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from afd_compile.roles.rendezvous import free_port
 from console.launcher import LaunchSpec, spawn
@@ -62,6 +68,30 @@ def record(spec: LaunchSpec, steps: int, trace_path: str | Path, timeout_s: floa
     if proc.returncode != 0 or not trace_path.exists():
         tail = "\n".join((stderr or stdout).strip().splitlines()[-5:]) or "no output"
         raise ConsoleError(f"Recording failed (exit code {proc.returncode}):\n{tail}")
+    return trace_path
+
+
+def record_live(url: str, steps: int, trace_path: str | Path, api_key: str | None = None,
+                timeout_s: float = 60.0) -> Path:
+    """Records the next `steps` steps of the deployment serving `url`; chat requests drive them."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"steps": steps, "timeout": timeout_s}
+    load = {"messages": None, "max_tokens": steps + 4, "ignore_eos": True, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
+        traced = pool.submit(httpx.post, f"{url}/debug/trace", json=body, headers=headers, timeout=timeout_s + 30)
+        time.sleep(0.2)  # the trace request is queued before the steps it should see
+        for prompt in PROMPTS:
+            pool.submit(httpx.post, f"{url}/v1/chat/completions", headers=headers, timeout=timeout_s,
+                        json={**load, "messages": [{"role": "user", "content": prompt}]})
+        try:
+            r = traced.result()
+        except httpx.HTTPError as e:
+            raise ConsoleError(f"Could not reach the deployment at {url}: {e}") from None
+    if r.status_code != 200:
+        raise ConsoleError(f"The deployment refused to record ({r.status_code}): {r.text[:300]}")
+    trace_path = Path(trace_path)
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    trace_path.write_text(r.text)
     return trace_path
 
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from afd_compile.roles.rendezvous import free_port
-from tests.server_fixtures import _die_with_parent
+from afd_compile.roles.launcher import die_with_parent
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -50,7 +50,7 @@ def console_url(artifacts):
     log = open(artifacts / "console.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", "console", "--port", str(port)], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=_die_with_parent, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                            preexec_fn=die_with_parent, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
