@@ -13,8 +13,9 @@ which starts every rank, generates, exits, and merges the ranks' traces into FIL
 (roles/generate.py), on its own rendezvous port. Its first step is the prefill; the N after it
 are decode steps (fewer if every prompt ends early).
 
-The plot has one row per rank and one bar per span (attention / send / wait / ffn) for each
-layer and micro-batch; the summary gives time per stage and how well the two sides overlap.
+The plot (plotly: zoom, pan, hover) has one row per rank and one bar per span (attention / send
+/ wait / ffn) for each layer and micro-batch; the summary gives time per stage and how well the
+two sides overlap.
 """
 
 from __future__ import annotations
@@ -213,39 +214,31 @@ def summary_markdown(metrics: dict) -> str:
 
 
 def figure(spans: list[Span], title: str = "AFD timeline"):
-    """Gantt-like matplotlib figure: one row per rank, a bar per span colored by stage; the
-    second micro-batch is hatched; layer numbers label bars wide enough for them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    """Interactive (plotly) gantt: one row per rank, a bar per span colored by stage, odd
+    micro-batches hatched; hovering a bar names its rank, stage, layer, micro-batch and step."""
+    import plotly.graph_objects as go
 
     ranks = rank_order(spans)
-    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.9 * max(1, len(ranks))))
+    fig = go.Figure()
     if not spans:
-        ax.text(0.5, 0.5, "no spans", ha="center", va="center", transform=ax.transAxes)
+        fig.add_annotation(text="no spans", showarrow=False)
         return fig
     t0 = min(s.start_ms for s in spans)
-    width = max(s.end_ms for s in spans) - t0
-    for row, rank in enumerate(ranks):
-        for stage, color in STAGE_COLORS.items():
-            for mb in sorted({s.micro_batch for s in spans}):
-                bars = [(s.start_ms - t0, s.dur_ms) for s in spans if s.rank == rank and s.stage == stage
-                        and s.micro_batch == mb]
-                if bars:
-                    ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=color, edgecolor="black", linewidth=0.2,
-                                   hatch="//" if mb % 2 else None)
-        for s in spans:
-            if s.rank == rank and s.stage in COMPUTE and s.dur_ms > width / 60:
-                ax.text(s.start_ms - t0 + s.dur_ms / 2, row, f"L{s.layer}", ha="center", va="center", fontsize=7)
-    ax.set_yticks(range(len(ranks)), ranks)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms")
-    ax.set_title(title, pad=22)
-    handles = [Patch(facecolor=c, label=n) for n, c in STAGE_COLORS.items()]
-    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="micro-batch 1, 3, …"))
-    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8,
-              frameon=False)
-    fig.tight_layout()
+    for stage, color in STAGE_COLORS.items():
+        for odd in (False, True):
+            sel = [s for s in spans if s.stage == stage and bool(s.micro_batch % 2) == odd]
+            if not sel:
+                continue
+            fig.add_trace(go.Bar(
+                orientation="h", y=[s.rank for s in sel], x=[s.dur_ms for s in sel],
+                base=[s.start_ms - t0 for s in sel], name=f"{stage}{' (micro-batch 1, 3, …)' if odd else ''}",
+                legendgroup=stage, marker={"color": color, "line": {"width": 0.3, "color": "black"},
+                                           "pattern": {"shape": "/" if odd else ""}},
+                hovertext=[f"{s.rank} · {stage} · layer {s.layer} · micro-batch {s.micro_batch} · step {s.step}"
+                           f"<br>{s.start_ms - t0:.3f} ms + {s.dur_ms:.3f} ms" for s in sel],
+                hoverinfo="text"))
+    fig.update_layout(title=title, barmode="overlay", xaxis_title="ms", height=220 + 80 * len(ranks),
+                      yaxis={"categoryorder": "array", "categoryarray": list(reversed(ranks))},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02},
+                      margin={"l": 90, "r": 20, "t": 110, "b": 40})
     return fig

@@ -261,7 +261,9 @@ def test_trace_summary_numbers(tmp_path):
     _, m1 = traces.summary(traces.select_steps(spans, 2, 2))
     assert m1["steps"] == 1 and m1["overlap_ms"] == 0.0 and m1["window_ms"] == pytest.approx(20.0)
     fig = traces.figure(spans)
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["attention 0", "ffn 0"]
+    assert list(fig.layout.yaxis.categoryarray) == ["ffn 0", "attention 0"]  # attention drawn on top
+    assert sum(len(bar.x) for bar in fig.data) == len(spans)
+    assert {bar.legendgroup for bar in fig.data} == {s.stage for s in spans}
     # through the Traces tab's handler
     c = Console(artifacts_dir=tmp_path)
     fig, md, table = c.show_trace(str(path), -1, -1)

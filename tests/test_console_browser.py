@@ -117,8 +117,9 @@ def test_console_in_browser(console_url, artifacts):
             page.locator("#trace-steps input").fill("3")
             page.locator("#record-btn").click()
             page.locator("#trace-message").get_by_text("Recorded", exact=False).wait_for(timeout=120_000)
-            # The rendered figure (an <img> of the timeline), not the empty plot's placeholder icon.
-            page.locator("#timeline img").first.wait_for(timeout=30_000)
+            # The rendered plotly figure with its bars, not the empty plot's placeholder icon.
+            page.locator("#timeline .js-plotly-plot .barlayer path").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)
             assert "from the running deployment" in page.locator("#trace-message").inner_text()
             assert "overlap efficiency" in page.locator("#trace-summary").inner_text()
             assert "attention 0" in page.locator("#trace-table").inner_text()
