@@ -319,30 +319,15 @@ def test_bench_run_from_console(tmp_path):
 
 def test_server_mounts_console_at_console_path(shipped_model, tmp_path):
     """`afd serve --console`: the API and the Gradio page from one server."""
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
-    from afd_compile.roles.rendezvous import free_port
+    from tests.server_fixtures import start_monolithic
 
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", "serve", "--model", str(shipped_model),
-                             "--enforce-eager", "--port", str(port), "--console"], stdout=log, stderr=log)
+    server = start_monolithic(shipped_model, tmp_path, extra=["--console"])
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        page = httpx.get(f"http://127.0.0.1:{port}/console/", timeout=30, follow_redirects=True)
+        server.wait_ready(120)
+        page = httpx.get(f"{server.url}/console/", timeout=30, follow_redirects=True)
         assert page.status_code == 200 and "gradio" in page.text.lower()
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200
+        assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        server.stop()

@@ -735,38 +735,22 @@ def test_sigterm_lets_running_requests_finish(shipped_model, tmp_path):
     """Graceful shutdown: after SIGTERM the server accepts nothing new, a stream already running
     completes with its finish reason, and the process exits on its own."""
     import signal
-    import subprocess
-    import sys
     import threading
-    import time
 
-    import httpx
-
-    from afd_compile.roles.rendezvous import free_port
-
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", "serve", "--model", str(shipped_model),
-                             "--enforce-eager", "--port", str(port)], stdout=log, stderr=log)
+    server = start_monolithic(shipped_model, tmp_path, name="sigterm")
+    proc = server.server.proc
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        chunks, finish = [], []
+        server.wait_ready(120)
+        finish = []
         started = threading.Event()
 
         def stream():
             body = {"messages": [{"role": "user", "content": "1 3 5"}], "max_tokens": 200, "ignore_eos": True,
                     "temperature": 0, "stream": True}
-            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         chunk = json.loads(line[6:])
-                        chunks.append(chunk)
                         started.set()
                         if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
                             finish.append(chunk["choices"][0]["finish_reason"])
@@ -779,9 +763,7 @@ def test_sigterm_lets_running_requests_finish(shipped_model, tmp_path):
         assert finish == ["length"]
         assert proc.wait(40) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 def test_live_trace_of_the_running_afd_deployment(afd, mono):
