@@ -176,17 +176,7 @@ def cmd_ffn(args) -> None:
     if args.rank is not None:
         run_ffn(_engine_config(args), _afd_config(args, "ffn", args.rank))
         return
-    from afd_compile.roles.generate import rank_args
-    from afd_compile.roles.launcher import Supervisor
-
-    topo = _afd_config(args, "ffn", 0).topology
-    sup = Supervisor({})
-    for j in range(topo.num_ffn):
-        sup.start(f"ffn {j}", rank_args(args, "ffn", j))
-    try:
-        sup.wait()
-    except KeyboardInterrupt:
-        sup.stop()
+    _supervise(args, roles=("ffn",))
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -228,29 +218,32 @@ def cmd_launch(args) -> None:
     _supervise(args, roles=("ffn", "attention"))
 
 
+def _server_argv(args) -> list[str]:
+    """The API flags of this invocation, for the attention ranks it starts."""
+    argv = ["--host", args.host, "--port", str(args.port)] + (["--console"] if args.console else [])
+    return argv + (["--served-model-name", args.served_model_name] if args.served_model_name else [])
+
+
 def _supervise(args, roles: tuple[str, ...]) -> None:
     """Starts every rank of the given roles on this host and supervises them until Ctrl-C."""
     from afd_compile.roles.generate import rank_args
     from afd_compile.roles.launcher import Supervisor
-    from afd_compile.roles.rendezvous import free_port
+    from afd_compile.roles.rendezvous import local_launch_env
 
     topo = _afd_config(args, "attention", 0).topology
-    env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR") or os.environ.get("MASTER_IP") or "127.0.0.1",
-           "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())}
-    if args.api_key:
+    env = local_launch_env()
+    serving = "attention" in roles
+    if serving and args.api_key:
         env["AFD_API_KEY"] = args.api_key  # through the environment, not the process list
     sup = Supervisor(env)
-    server = ["--host", args.host, "--port", str(args.port)] + (["--console"] if args.console else [])
-    if args.served_model_name:
-        server += ["--served-model-name", args.served_model_name]
     for role in roles:
         for rank in range(topo.num_ranks(role)):
             argv = rank_args(args, role, rank)
-            if role == "attention":
-                argv = ["serve", *argv[1:], *server]  # rank_args builds `generate --role attention ...`
+            if role == "attention":  # rank_args builds `generate --role attention ...`: serve instead
+                argv = ["serve", *argv[1:], *_server_argv(args)]
             sup.start(f"{role} {rank}", argv)
-    print(f"afd: {topo} starting; attention rank i serves http://{args.host}:{args.port}+i  (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
+    where = f"; attention rank i serves http://{args.host}:{args.port}+i" if serving else ""
+    print(f"afd: {topo} starting {' and '.join(roles)} ranks{where}  (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         sup.wait()
     except KeyboardInterrupt:

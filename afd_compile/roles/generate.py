@@ -8,18 +8,17 @@ rank i: it generates prompts[i::A] and writes one JSON line per completion for t
 from __future__ import annotations
 
 import json
-import os
 
 from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
 from afd_compile.roles.launcher import Supervisor
-from afd_compile.roles.rendezvous import free_port
+from afd_compile.roles.rendezvous import local_launch_env
 
 
 def attention_rank_generate(engine_cfg: EngineConfig, afd: AFDConfig, prompts: list, params: SamplingParams,
                             chat: bool) -> None:
-    from afd_compile.roles.worker import attention_engine
+    from afd_compile.roles.worker import attention_engine, leave_attention
 
     engine, tracer = attention_engine(engine_cfg, afd)
     mine = list(range(afd.rank, len(prompts), afd.topology.num_attention))
@@ -29,12 +28,7 @@ def attention_rank_generate(engine_cfg: EngineConfig, afd: AFDConfig, prompts: l
         for i, c in zip(mine, completions):
             print(json.dumps({"index": i, "text": c.text, "token_ids": c.token_ids}), flush=True)
     finally:
-        engine.runner.shutdown()
-        if afd.trace:
-            tracer.save(afd.trace)
-        from afd_compile.roles.rendezvous import leave
-
-        leave()
+        leave_attention(engine, tracer, afd)
 
 
 def rank_args(args, role: str, rank: int) -> list[str]:
@@ -57,8 +51,7 @@ def launch_generate(args, sampling_argv: list[str]) -> list[str]:
     from afd_compile.config import AFDConfig
 
     topo = AFDConfig(afd_size=args.afd_size).topology
-    env = {"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-           "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())}
+    env = local_launch_env()
     attention_names = [f"attention {i}" for i in range(topo.num_attention)]
     sup = Supervisor(env, relay_logs=args.log_level.upper() in ("DEBUG", "INFO"), capture_stdout=tuple(attention_names))
     try:

@@ -69,8 +69,10 @@ class Supervisor:
                 rc = child.proc.poll()
                 if rc not in (None, 0):
                     self.stop()
-                    tail = " | ".join(list(child.tail)[-3:]) or "no output"
-                    raise AfdError(f"{child.name} exited with code {rc}: {tail}")
+                    # The child's own one-line error says it best; otherwise its last log lines.
+                    errors = [ln.removeprefix("afd: error: ") for ln in child.tail if ln.startswith("afd: error:")]
+                    reason = errors[-1] if errors else " | ".join(list(child.tail)[-3:]) or "no output"
+                    raise AfdError(f"{child.name} exited with code {rc}: {reason}")
             if all(c.proc.poll() == 0 for c in waiting):
                 for c in waiting:
                     for pump in c.pumps:

@@ -46,6 +46,13 @@ def master_address() -> tuple[str, int]:
     return addr, port_n
 
 
+def local_launch_env() -> dict[str, str]:
+    """Rendezvous address for ranks started by this process on one host: the user's
+    MASTER_ADDR (or MASTER_IP) and MASTER_PORT when set, else loopback and a free port."""
+    return {"MASTER_ADDR": os.environ.get("MASTER_ADDR") or os.environ.get("MASTER_IP") or "127.0.0.1",
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

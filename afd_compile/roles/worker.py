@@ -99,3 +99,13 @@ def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngin
     engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
         m, engine_cfg, n, connector, afd.micro_batches, tracer, world))
     return engine, tracer
+
+
+def leave_attention(engine: LLMEngine, tracer: Tracer, afd: AFDConfig) -> None:
+    """An attention rank's exit: tell the FFN ranks, save the trace, leave the world."""
+    try:
+        engine.runner.shutdown()
+    finally:
+        if afd.trace:
+            tracer.save(afd.trace)
+        rendezvous.leave()
