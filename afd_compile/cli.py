@@ -20,6 +20,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 2048))")
     p.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots: most sequences at once")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (default), or cuda: compiled decode replayed as CUDA graphs")
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
 
 
@@ -100,7 +102,7 @@ def _engine_config(args):
     from afd_compile.config import EngineConfig
 
     return EngineConfig(model=args.model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, dtype=args.dtype)
+                        max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device)
 
 
 def _engine(args):
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
     _engine_args(p)
-    p.add_argument("--scenario", choices=["monolithic", "connector", "serve"], required=True)
+    p.add_argument("--scenario", choices=["monolithic", "connector", "serve", "moe"], required=True)
     p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated decode batch sizes")
     p.add_argument("--steps", type=int, default=32, help="decode steps measured per configuration")
     p.add_argument("--backends", default="compiled,eager,transformers",
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="measurements per configuration, interleaved across backends; the fastest is reported")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")
+    p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="moe: token counts per layer call")
     p.add_argument("--deployments", default="monolithic,1A1F,2A2F", help="serve: monolithic and/or xAyF topologies")
     p.add_argument("--rates", default="1,2,4", help="serve: request rates (req/s), comma-separated")
     p.add_argument("--requests", type=int, default=24, help="serve: requests per rate")

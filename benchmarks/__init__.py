@@ -19,4 +19,8 @@ def run_scenario(args) -> dict:
         from benchmarks.connector import run
 
         return run(args)
+    if args.scenario == "moe":
+        from benchmarks.moe import run
+
+        return run(args)
     raise AfdError(f"unknown benchmark scenario {args.scenario!r}")

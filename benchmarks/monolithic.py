@@ -130,7 +130,7 @@ class EngineBackend:
         self.name = name
         self.engine = LLMEngine(EngineConfig(model=args.model, enforce_eager=name == "eager",
                                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                             dtype=args.dtype))
+                                             dtype=args.dtype, device=args.device))
 
     def warm_up(self, prompts: list[list[int]]) -> float:
         """A short run of this batch size: compiles its decode bucket (compiled)."""
@@ -166,7 +166,8 @@ class TransformersBackend:
     def __init__(self, args, tokenizer):
         from transformers import DeepseekV2ForCausalLM
 
-        self.model = DeepseekV2ForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        self.device = args.device
+        self.model = DeepseekV2ForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(self.device).eval()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def warm_up(self, prompts: list[list[int]]) -> float:
@@ -188,8 +189,8 @@ class TransformersBackend:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         width = max(map(len, prompts))  # left padding, as decoder-only generate expects
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         stamps = Stamps()
         t_start = time.perf_counter()
         with torch.inference_mode():
@@ -269,7 +270,7 @@ def run(args) -> dict:
         "scenario": SCENARIO,
         "machine": machine_info(),
         "config": {
-            "model": str(args.model), "dtype": args.dtype, "transformers_dtype": "float32",
+            "model": str(args.model), "device": args.device, "dtype": args.dtype, "transformers_dtype": "float32",
             "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs, "steps": steps,
             "decode_steps": steps - 1, "repeats": repeats, "batch_sizes": batch_sizes, "backends": names,
             "prompts": "chat prompts of afd_compile.demo.tasks.held_out_set, greedy, EOS ignored",
@@ -287,6 +288,6 @@ def run(args) -> dict:
     print(format_table(headers, rows))
     for name, per_batch in ratios.items():
         print(f"{name} tok/s: " + ", ".join(f"B={b} {v:.2f}x" for b, v in per_batch.items()))
-    path = write_json(result, SCENARIO, args.out)
+    path = write_json(result, SCENARIO if args.device == "cpu" else f"{SCENARIO}_{args.device}", args.out)
     print(f"wrote {path}")
     return result

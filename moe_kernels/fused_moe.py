@@ -1,4 +1,5 @@
-"""Routed-expert computation as one custom op: dispatch, grouped matmul, combine.
+"""Routed-expert computation as one custom op: dispatch, grouped matmul, combine (on CUDA
+the Triton kernels of triton_moe.py, elsewhere the sort-based torch path).
 
 Registered with torch.library so torch.compile sees a single opaque op with a static output
 shape: the per-expert row counts are data-dependent, which would otherwise force graph
@@ -23,6 +24,10 @@ def fused_experts(
     first_expert: int,
 ) -> torch.Tensor:
     """Sum over k of topk_weights * expert(x), for the experts this rank holds."""
+    if x.is_cuda:
+        from moe_kernels.triton_moe import triton_fused_experts
+
+        return triton_fused_experts(x, topk_weights, topk_ids, w13, w2, first_expert)
     plan = dispatch(topk_ids, topk_weights, first_expert, w13.shape[0])
     expert_out = grouped_swiglu(x[plan.token_idx], plan.counts, w13, w2)
     return combine(expert_out, plan, x.shape[0])

@@ -16,9 +16,14 @@ from afd_compile.engine.sequence import Sequence
 from afd_compile.model.decoder import DeepseekV2
 
 
-# Inductor's C++ wrapper launches the step's kernels without a Python call per op: at decode
-# sizes on CPU that per-op overhead is most of the step.
-COMPILE_OPTIONS = {"cpp_wrapper": True}
+def compile_options(device: torch.device, cuda_graphs: bool = False) -> dict:
+    """Inductor options for a decode step. CPU: the C++ wrapper launches the step's kernels
+    without a Python call per op (at decode sizes that overhead is most of the step). CUDA:
+    inductor's CUDA graph trees replay the whole step as one launch (gpt-fast's
+    "reduce-overhead"), unless the caller captures its own graphs."""
+    if device.type == "cpu":
+        return {"cpp_wrapper": True}
+    return {"triton.cudagraphs": cuda_graphs}
 
 
 class ModelRunner:
@@ -34,7 +39,8 @@ class ModelRunner:
             # with more buckets than that.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        len(config.batch_buckets) + 1)
-            self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+            self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True,
+                                           options=compile_options(self.device, cuda_graphs=True))
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:

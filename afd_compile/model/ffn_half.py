@@ -15,9 +15,10 @@ from afd_compile.model.layers import RMSNorm, SwiGLU
 from moe_kernels import fused_experts, select_experts
 
 
-# Up to this many (token, local expert) rows, e.g. small decode batches, every local expert runs
-# on every token as one batched matmul with unrouted weights zero: static shapes that inductor
-# fuses, where the sort-based grouped matmul pays a Python loop and a graph break per layer.
+# On CPU, up to this many (token, local expert) rows, e.g. small decode batches, every local
+# expert runs on every token as one batched matmul with unrouted weights zero: static shapes that
+# inductor fuses, where the sort-based grouped matmul pays a Python loop per layer. GPUs take the
+# Triton grouped matmul at every size.
 DENSE_MOE_MAX_ROWS = 256
 
 
@@ -69,7 +70,7 @@ class MoE(nn.Module):
         if self.ep_routed is not None:
             return self.ep_routed(x)
         weights, ids = self.route(x)
-        if x.shape[0] * self.experts.down_proj.shape[0] <= DENSE_MOE_MAX_ROWS:
+        if not x.is_cuda and x.shape[0] * self.experts.down_proj.shape[0] <= DENSE_MOE_MAX_ROWS:
             return dense_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
         return fused_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
 

@@ -21,7 +21,7 @@ import torch
 
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader
-from afd_compile.engine.model_runner import COMPILE_OPTIONS
+from afd_compile.engine.model_runner import compile_options
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -60,7 +60,7 @@ class AFDModelRunner:
         # One graph per micro-batch bucket, shared by all layers: the layer's weights are
         # graph inputs (dynamo inlines nn.Modules), not constants baked into 60 graphs.
         self.decode_attention = _attention_layer if config.enforce_eager else torch.compile(
-            _attention_layer, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+            _attention_layer, dynamic=False, fullgraph=True, options=compile_options(self.device))
         self.decode_graphs = None
         self._warm: set[int] = set()
         if self.device.type == "cuda" and not config.enforce_eager:
