@@ -10,7 +10,9 @@
 
 Every implementation gets the same input and routing (DeepSeek's greedy top-k from a random gate)
 and its output is checked against a float64 reference before it is timed. Timings are the median
-of `repeats` timed calls after warm-up; on CUDA each call is bracketed by synchronisation.
+of `repeats` timed calls after warm-up; on CUDA each call is bracketed by synchronisation, and
+the implementations without host synchronisation are also timed as CUDA-graph replays
+(`*_graph`), which is how the engine's decode step runs them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SCENARIO = "moe"
 # it in every dimension on CPU, so 4096 tokens stay seconds on 2 cores.
 SHAPES = {"cuda": (2048, 1408, 64, 6), "cpu": (512, 352, 16, 4)}
 DEFAULT_TOKENS = "1,4,16,64,256,1024,4096"
+GRAPH_SAFE = ("triton", "dense")  # no host synchronisation: also timed as CUDA-graph replays
 
 
 def loop_experts(x, topk_weights, topk_ids, w13, w2):
@@ -104,6 +107,17 @@ def implementations(device: str, w13, w2, num_experts: int, top_k: int) -> dict:
     return impls
 
 
+def _captured(fn, args):
+    """fn(*args) captured once in a CUDA graph, as the engine's decode step runs it: replays
+    cost no per-op host launches, so they show the kernels' own time."""
+    fn(*args)  # compiles Triton kernels, allocates workspaces
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    return lambda *_: graph.replay()
+
+
 def _time(fn, args, device: str, repeats: int, budget_s: float) -> float:
     """Median seconds per call; fewer repeats where one call is slow (up to budget_s in all)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -150,12 +164,14 @@ def run(args) -> dict:
                     raise AfdError(f"{name} at {n} tokens differs from the float64 reference by {err:.2e} "
                                    f"(relative to max |y|), more than {tol}")
                 row[name + "_us"] = _time(fn, a, device, args.repeats, budget_s=2.0) * 1e6
+                if name in GRAPH_SAFE and device == "cuda":
+                    row[name + "_graph_us"] = _time(_captured(fn, a), a, device, args.repeats, budget_s=2.0) * 1e6
             row[name + "_rel_err"] = err
         results.append(row)
         print("  " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("_us")) + f"  ({n} tokens)",
               flush=True)
-    names = list(impls)
-    base = "triton" if "triton" in impls else "sort"
+    names = [k[:-3] for k in results[0] if k.endswith("_us")]
+    base = next(b for b in ("triton_graph", "triton", "sort") if b in names)
     ratios = {f"{other}/{base}": {str(r["tokens"]): r[other + "_us"] / r[base + "_us"] for r in results}
               for other in names if other != base}
     result = {
