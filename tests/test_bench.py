@@ -72,3 +72,16 @@ def test_connector_scenario_reports_every_backend(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"tcp (raw socket)", "shm copy (memcpy x2)", "connector gloo", "connector shm"}
     assert all(t > 0 for times in result["results"].values() for t in times.values())
+
+
+def test_moe_scenario_checks_every_implementation(tmp_path):
+    """Each implementation is compared with the float64 reference before timing (the scenario fails
+    otherwise); the JSON holds every timing and error, and the plot is written."""
+    out = tmp_path / "moe.json"
+    assert main(["bench", "--scenario", "moe", "--tokens", "1,8", "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["tokens"] for r in result["results"]] == [1, 8]
+    for row in result["results"]:
+        for name in ("sort", "dense", "loop"):
+            assert row[name + "_us"] > 0 and row[name + "_rel_err"] < 1e-4
+    assert out.with_suffix(".png").stat().st_size > 0
