@@ -181,6 +181,11 @@ def cmd_ffn(args) -> None:
     _supervise(args, roles=("ffn",))
 
 
+def _restart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="ranks started here: how often a failed one is started again (as torchrun's; default 3)")
+
+
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", default=None, help="model directory (as in `vllm serve DIR`)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -190,6 +195,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model path)")
     p.add_argument("--console", action="store_true",
                    help="also mount the web console at /console (local use: it can start processes)")
+    _restart_args(p)
 
 
 def cmd_serve(args) -> None:
@@ -233,11 +239,13 @@ def _supervise(args, roles: tuple[str, ...]) -> None:
     from afd_compile.roles.rendezvous import local_launch_env
 
     topo = _afd_config(args, "attention", 0).topology
+    if args.max_restarts < 0:
+        raise AfdError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     env = local_launch_env()
     serving = "attention" in roles
     if serving and args.api_key:
         env["AFD_API_KEY"] = args.api_key  # through the environment, not the process list
-    sup = Supervisor(env)
+    sup = Supervisor(env, max_restarts=args.max_restarts)
     for role in roles:
         for rank in range(topo.num_ranks(role)):
             argv = rank_args(args, role, rank)
@@ -287,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ffn", help="start FFN ranks (all of --afd-size here, or only --rank)")
     _engine_args(p)
     _afd_args(p, with_role=False)
+    _restart_args(p)
     p.set_defaults(func=cmd_ffn)
 
     p = sub.add_parser("chat", help="interactive chat with the model")

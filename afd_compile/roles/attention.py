@@ -217,6 +217,16 @@ class AFDModelRunner:
         self.connector.send_step(StepHeader(Kind.IDLE))
         self.connector.recv_ack()
 
+    def reconnect(self, connector: AFDConnector, world) -> None:
+        """Continues on a new generation's links after the old ones broke. The KV cache stays;
+        the requests that were mid-step when the links broke are the server's to fail."""
+        self.connector, self.world = connector, world
+        self.trace_remaining, self.tracer.enabled = 0, self.always_trace
+        if self.decode_graphs is not None:  # captured graphs replay transfers on the old links
+            from afd_compile.roles.cuda_graph import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self, self.decode_attention)
+
     def shutdown(self) -> None:
         """Tells the FFN ranks this rank is leaving, then releases the links."""
         try:

@@ -1,13 +1,16 @@
 """Starts ranks as supervised child processes on one host.
 
 Children get argument lists (never shell strings) and their own MASTER_ADDR/MASTER_PORT.
-Their output is relayed line by line with a `[role rank]` prefix. If one child fails, the
-others are stopped and the failure is reported with the child's last log lines.
+Their output is relayed line by line with a `[role rank]` prefix. A child that fails is
+started again, after a backoff, up to `max_restarts` times (as torchrun's --max-restarts);
+the surviving ranks wait for it in the rendezvous. Past that, the others are stopped and the
+failure is reported with the child's last log lines.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +22,10 @@ from dataclasses import dataclass, field
 
 from afd_compile.errors import AfdError
 
+log = logging.getLogger("afd.launcher")
+
+RESTART_BACKOFF_S = (1.0, 30.0)  # wait before the first restart of a child, doubling up to the max
+
 
 @dataclass
 class Child:
@@ -28,26 +35,33 @@ class Child:
     tail: deque = field(default_factory=lambda: deque(maxlen=20))
     stdout_lines: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
+    restarts: int = 0
+    restart_at: float | None = None  # failed: when it is started again
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str], relay_logs: bool = True, capture_stdout: tuple[str, ...] = ()):
+    def __init__(self, env: dict[str, str], relay_logs: bool = True, capture_stdout: tuple[str, ...] = (),
+                 max_restarts: int = 0):
         self.env = {**os.environ, **env}
         self.children: list[Child] = []
         self.relay_logs = relay_logs
         self.capture_stdout = capture_stdout  # children whose stdout is data, not log
+        self.max_restarts = max_restarts  # per child; 0 (a batch job): one failure stops everyone
 
     def start(self, name: str, args: list[str]) -> Child:
         child = Child(name, [sys.executable, "-m", "afd_compile.cli", *args])
-        child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, bufsize=1, preexec_fn=die_with_parent)
-        child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
-                       threading.Thread(target=self._pump, args=(child, child.proc.stdout, name in self.capture_stdout),
-                                        daemon=True)]
-        for pump in child.pumps:
-            pump.start()
+        self._spawn(child)
         self.children.append(child)
         return child
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, bufsize=1, preexec_fn=die_with_parent)
+        is_data = child.name in self.capture_stdout
+        child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
+                       threading.Thread(target=self._pump, args=(child, child.proc.stdout, is_data), daemon=True)]
+        for pump in child.pumps:
+            pump.start()
 
     def _pump(self, child: Child, stream, is_data: bool) -> None:
         for line in stream:
@@ -59,26 +73,39 @@ class Supervisor:
                 print(f"[{child.name}] {line}", end="", file=sys.stderr, flush=True)
 
     def wait(self, names: list[str] | None = None, poll_s: float = 0.05) -> None:
-        """Waits until the named children (default: all) exit 0; any failure stops everyone.
+        """Waits until the named children (default: all) exit 0, restarting failed ones while their
+        restarts last; a failure past that stops everyone.
         SIGTERM to the supervisor stops the children too (and surfaces as KeyboardInterrupt)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
         waiting = [c for c in self.children if names is None or c.name in names]
         while True:
             for child in self.children:
-                rc = child.proc.poll()
-                if rc not in (None, 0):
-                    self.stop()
-                    # The child's own one-line error says it best; otherwise its last log lines.
-                    errors = [ln.removeprefix("afd: error: ") for ln in child.tail if ln.startswith("afd: error:")]
-                    reason = errors[-1] if errors else " | ".join(list(child.tail)[-3:]) or "no output"
-                    raise AfdError(f"{child.name} exited with code {rc}: {reason}")
+                self._check(child)
             if all(c.proc.poll() == 0 for c in waiting):
                 for c in waiting:
                     for pump in c.pumps:
                         pump.join()
                 return
             time.sleep(poll_s)
+
+    def _check(self, child: Child) -> None:
+        """Schedules a failed child's restart, starts it when due, or gives up on it."""
+        rc = child.proc.poll()
+        if rc in (None, 0):
+            return
+        if child.restart_at is None:
+            reason = _failure(child, rc)
+            if child.restarts >= self.max_restarts:
+                self.stop()
+                raise AfdError(reason + (f" (after {child.restarts} restart(s))" if child.restarts else ""))
+            delay = min(RESTART_BACKOFF_S[0] * 2**child.restarts, RESTART_BACKOFF_S[1])
+            log.warning("%s; restart %d of %d in %.0f s", reason, child.restarts + 1, self.max_restarts, delay)
+            child.restart_at = time.monotonic() + delay
+        elif time.monotonic() >= child.restart_at:
+            child.restarts, child.restart_at = child.restarts + 1, None
+            child.tail.clear()
+            self._spawn(child)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM in reverse start order, so attention ranks say goodbye before FFN ranks go."""
@@ -90,6 +117,16 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     child.proc.kill()
                     child.proc.wait()
+
+
+def _failure(child: Child, rc: int) -> str:
+    if rc < 0:  # killed: its last log lines are not the reason
+        return f"{child.name} was killed by {signal.Signals(-rc).name}"
+    # The child's own one-line error says it best; otherwise its last log lines.
+    errors = [ln.removeprefix("afd: error: ") for ln in child.tail if ln.startswith("afd: error:")]
+    detail = errors[-1] if errors else " | ".join(list(child.tail)[-3:]) or "no output"
+    return f"{child.name} exited with code {rc}: {detail}"
+
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt

@@ -3,11 +3,19 @@
 Global rank 0 (attention rank 0) hosts the TCP store; every other rank retries connecting
 until `timeout_s`, so either role may start first. MASTER_IP (the seed's name) is accepted
 for MASTER_ADDR; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are read by gloo / NCCL themselves.
+
+The world forms in generations, as torchelastic's rendezvous rounds: when a rank dies, the
+survivors leave the broken process group and join the next generation together with the
+restarted rank. Attention rank 0 opens each generation under a fresh name (its store prefix
+and shared-memory names), so nothing of a broken one is ever reused; the other ranks wait for
+a generation newer than the one they left. If attention rank 0 itself died, its restart hosts
+a new store on the same port, and everyone joins that.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -21,6 +29,8 @@ from afd_compile.topology import Topology
 
 log = logging.getLogger("afd.rendezvous")
 
+GENERATION_KEY = "afd/generation"  # the generation open for joining; deleted once every rank is in
+
 
 @dataclass
 class World:
@@ -29,9 +39,10 @@ class World:
     rank: int  # rank within the role
     global_rank: int
     ffn_group: dist.ProcessGroup | None  # expert-parallel group of the FFN ranks
-    store: dist.Store  # the rendezvous key-value store, for connectors' own set-up
-    run_id: str  # unique per deployment: names shared-memory segments
+    store: dist.Store  # this generation's part of the rendezvous store, for connectors' own set-up
+    generation: str  # unique per deployment and generation: names store keys and shared-memory segments
     nccl_group: dist.ProcessGroup | None = None  # all ranks, NCCL: the GPU connector's transfers
+    tcp_store: dist.TCPStore | None = None  # the connection (on global rank 0: the server) under `store`
 
 
 def master_address() -> tuple[str, int]:
@@ -59,7 +70,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool = False) -> World:
+def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool = False,
+         previous: World | None = None) -> World:
+    """Joins the AFD world: its first generation, or, after `previous` broke, the next one."""
+    leave()
     addr, port = master_address()
     global_rank = topology.global_rank(role, rank)
     if global_rank == 0:
@@ -67,11 +81,22 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
                  topology.world_size - 1)
     else:
         log.info("%s rank %d waits for the rendezvous at %s:%d (up to %.0f s)", role, rank, addr, port, timeout_s)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(addr, port, topology.world_size, is_master=global_rank == 0,
-                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=True)
+        if global_rank == 0:
+            tcp = previous.tcp_store if previous else dist.TCPStore(
+                addr, port, topology.world_size, is_master=True, timeout=timeout, wait_for_workers=True)
+            generation = f"{os.getpid()}-{time.time_ns() % 10**12}"
+            tcp.set(GENERATION_KEY, generation)
+        else:
+            # A new connection each time: the old store's host may be the rank that died.
+            tcp = dist.TCPStore(addr, port, topology.world_size, is_master=False, timeout=timeout)
+            generation = _next_generation(tcp, previous.generation if previous else None, timeout_s)
+        store = dist.PrefixStore(f"afd/{generation}/", tcp)
         dist.init_process_group("gloo", store=store, rank=global_rank, world_size=topology.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=timeout)
+    except AfdError:
+        raise
     except Exception as e:  # torch raises several types (DistNetworkError, RuntimeError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
@@ -80,16 +105,34 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
                        f"(afd_size {topology}, are all {topology.world_size} ranks started with the same "
                        f"MASTER_ADDR/MASTER_PORT?): {first}") from None
     if global_rank == 0:
-        store.set("afd/run_id", f"{os.getpid()}-{time.time_ns() % 10**9}")
-    run_id = store.get("afd/run_id").decode()
+        tcp.delete_key(GENERATION_KEY)  # every rank is in: a rank that starts now waits for the next one
+    log.info("%s rank %d joined generation %s of the %s world", role, rank, generation, topology)
     ffn_ranks = [topology.global_rank("ffn", j) for j in range(topology.num_ffn)]
     # new_group is collective over the whole world: every rank creates it, FFN ranks use it.
     ffn_group = dist.new_group(ffn_ranks, backend="gloo")
     # Every rank must create the same groups in the same order, so nccl is a deployment-wide setting.
     nccl_group = dist.new_group(list(range(topology.world_size)), backend="nccl") if nccl else None
-    return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, run_id, nccl_group)
+    return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, generation,
+                 nccl_group, tcp)
+
+
+def _next_generation(tcp: dist.TCPStore, left: str | None, timeout_s: float) -> str:
+    """Waits until attention rank 0 opens a generation other than the one this rank left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if tcp.check([GENERATION_KEY]):
+            generation = tcp.get(GENERATION_KEY).decode()
+            if generation != left:
+                return generation
+        if time.monotonic() > deadline:
+            raise AfdError(f"no new generation of the AFD world opened within {timeout_s:.0f} s "
+                           "(is attention rank 0 running?)")
+        time.sleep(0.05)
 
 
 def leave() -> None:
     if dist.is_initialized():
+        # Peers notice this rank left only when its gloo sockets close, and pending work objects
+        # (a failed wait's traceback holds one) keep them open: collect them first.
+        gc.collect()
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Start-up of one AFD rank: validate, load only this rank's weights, join the world, wire
-the connector, then run (FFN) or hand back an engine (attention)."""
+the connector, then run (FFN) or hand back an engine (attention). When a peer dies, both
+roles join the world's next generation (rendezvous.py) with the weights they hold."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _connector(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
     common = dict(hidden_size=hf.hidden_size, dtype=engine_cfg.torch_dtype, timeout_s=afd.timeout_s)
     if afd.connector == "shm":
         is_attention = afd.role == "attention"
-        links = {i: (f"afd-{world.run_id}-a{a}", is_attention) for i, a in enumerate(attention_ranks)}
+        links = {i: (f"afd-{world.generation}-a{a}", is_attention) for i, a in enumerate(attention_ranks)}
         if not is_attention:  # the attention rank creates its link's rings
             world.store.wait([f"afd/shm/{a}" for a in attention_ranks])
         connector = make_connector("shm", links=links, is_attention=is_attention, max_message_tokens=max(
@@ -63,7 +64,9 @@ def _rank_device(engine_cfg: EngineConfig, afd: AFDConfig) -> EngineConfig:
 
 
 def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
-    """Serves until every attention rank has left; returns the number of parameters this rank held."""
+    """Serves until every attention rank has left; returns the number of parameters this rank held.
+    A peer that dies ends only the current generation: this rank waits for the next one (up to
+    the connector timeout) instead of exiting."""
     hf = _check(engine_cfg, afd)
     engine_cfg = _rank_device(engine_cfg, afd)
     topo = afd.topology
@@ -72,13 +75,23 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
     log.info("ffn rank %d of %s: experts %d..%d of %d, mapping %s", afd.rank, topo,
              afd.rank * hf.n_routed_experts // topo.num_ffn, (afd.rank + 1) * hf.n_routed_experts // topo.num_ffn - 1,
              hf.n_routed_experts, topo.describe())
-    world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl")
-    tracer = Tracer(f"ffn {afd.rank}", world.global_rank, enabled=afd.trace is not None)
+    tracer = Tracer(f"ffn {afd.rank}", topo.global_rank("ffn", afd.rank), enabled=afd.trace is not None)
+    world = None
     try:
-        if topo.num_ffn > 1:
-            set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
-        FFNWorker(model, world, _connector(afd, world, hf, engine_cfg), tracer).run()
-        return sum(p.numel() for p in model.parameters())
+        while True:
+            world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl",
+                                    previous=world)
+            if topo.num_ffn > 1:
+                set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
+            connector = _connector(afd, world, hf, engine_cfg)
+            try:
+                FFNWorker(model, world, connector, tracer).run()
+                return sum(p.numel() for p in model.parameters())
+            except RuntimeError as e:  # a ConnectorError or a gloo error: a peer died
+                log.warning("ffn rank %d: generation %s broke (%s); waiting for the next one", afd.rank,
+                            world.generation, str(e).splitlines()[0])
+            finally:
+                connector.close()
     finally:
         if afd.trace:
             tracer.save(afd.trace)
@@ -99,6 +112,19 @@ def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngin
     engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
         m, engine_cfg, n, connector, afd.micro_batches, tracer, world))
     return engine, tracer
+
+
+def rejoin_attention(engine: LLMEngine, afd: AFDConfig) -> None:
+    """After the links broke (a peer died): joins the world's next generation and continues on
+    new links. Raises AfdError if it does not form within the connector timeout."""
+    runner = engine.runner
+    try:
+        runner.connector.close()
+    except Exception as e:  # a half-broken link must not keep this rank from rejoining
+        log.warning("closing the broken links: %s", e)
+    world = rendezvous.join(afd.topology, "attention", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl",
+                            previous=runner.world)
+    runner.reconnect(_connector(afd, world, engine.model.cfg, engine.config), world)
 
 
 def leave_attention(engine: LLMEngine, tracer: Tracer, afd: AFDConfig) -> None:

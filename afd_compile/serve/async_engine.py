@@ -4,6 +4,10 @@ The engine is single-threaded by design: only the loop thread touches it. HTTP h
 "add" and "abort" commands through a queue and read deltas from a per-request asyncio.Queue.
 Between steps the loop admits new requests, so they join the running batch (continuous
 batching). An AFD attention rank with nothing to do keeps its FFN ranks in step with `idle()`.
+
+When an AFD step fails (a peer died), the requests that were running fail at once; the loop
+then re-forms the AFD world with `reconnect()` while queued requests wait for it, and the
+server reports itself degraded until it is back.
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, idle: Callable[[], None] | None = None, metrics: Metrics | None = None,
-                 on_exit: Callable[[], None] | None = None):
-        self.engine, self.idle, self.on_exit = engine, idle, on_exit
+                 on_exit: Callable[[], None] | None = None, reconnect: Callable[[], None] | None = None):
+        """reconnect: re-forms an AFD rank's links after a step failed, raising if it cannot within
+        its timeout (it is then tried again). Without it, a failed step ends the engine."""
+        self.engine, self.idle, self.on_exit, self.reconnect = engine, idle, on_exit, reconnect
         self.metrics = metrics or Metrics()
         self.commands: queue.Queue = queue.Queue()
         self.streams: dict[str, _Stream] = {}
         self.error: str | None = None
+        self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
         self._stopped = threading.Event()
         self._trace: tuple[float, asyncio.Future] | None = None  # a pending record_trace: (deadline, result)
         self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
@@ -64,6 +71,11 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return self.error is None and self.thread.is_alive()
+
+    @property
+    def serving(self) -> bool:
+        """Requests already queued will still be answered: healthy, or re-forming the AFD world."""
+        return self.thread.is_alive() and (self.error is None or self.reconnecting)
 
     # ---- handler side
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
@@ -76,13 +88,13 @@ class AsyncEngine:
         finished, get = False, None
         try:
             while True:
-                # Wait in slices, re-checking health: an "add" still queued when the loop died is
-                # never answered, and this request must then fail, not hang (and hang shutdown).
+                # Wait in slices, re-checking the loop: an "add" still queued when it died is never
+                # answered, and this request must then fail, not hang (and hang shutdown).
                 get = get or asyncio.ensure_future(out.get())
                 done, _ = await asyncio.wait({get}, timeout=1.0)
                 if done:
                     delta, get = get.result(), None
-                elif self.healthy:
+                elif self.serving:
                     continue
                 else:
                     delta = Delta(error=self.error or "the engine is not running")
@@ -108,20 +120,17 @@ class AsyncEngine:
     def close(self, timeout_s: float = 10.0) -> None:
         self._stopped.set()
         self.commands.put(("stop",))
-        self.thread.join(timeout_s)
+        # Re-forming the AFD world, the loop is blocked in the rendezvous and has no peer to say
+        # goodbye to: do not wait for it.
+        self.thread.join(0 if self.reconnecting else timeout_s)
 
     # ---- loop thread
     def _loop(self) -> None:
         try:
             while not self._stopped.is_set():
-                busy = self.engine.scheduler.has_work()
-                self._drain(block=not busy and self.idle is None)
-                if self.engine.scheduler.has_work():
-                    self._publish(self.engine.step())
-                elif self.idle is not None and not self._stopped.is_set():
-                    self.idle()
-                self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
-                self._finish_trace()
+                failure = self._serve()
+                if failure is not None:
+                    self._recover(failure)
         except Exception as e:  # a dead FFN rank, a broken connector, ...: fail every request clearly
             self.error = f"{type(e).__name__}: {e}"
             log.error("engine loop stopped: %s", self.error)
@@ -134,6 +143,53 @@ class AsyncEngine:
                     self.on_exit()
                 except Exception as e:
                     log.warning("shutdown: %s", e)
+
+    def _serve(self) -> str | None:
+        """Runs steps until stopped (None), or on a rank that can reconnect, until a step fails: why."""
+        try:
+            while not self._stopped.is_set():
+                busy = self.engine.scheduler.has_work()
+                self._drain(block=not busy and self.idle is None)
+                if self.engine.scheduler.has_work():
+                    self._publish(self.engine.step())
+                elif self.idle is not None and not self._stopped.is_set():
+                    self.idle()
+                self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
+                self._finish_trace()
+        except Exception as e:
+            if self.reconnect is None:
+                raise
+            return f"{type(e).__name__}: {e}"  # only the text: the failed step's links must be freed
+        return None
+
+    def _recover(self, failure: str) -> None:
+        """Fails the requests that were mid-step (their step is lost), keeps the queued ones, and
+        re-forms the AFD world until it works. Each attempt is bounded by the connector timeout;
+        what is queued when one fails gets the error, so nothing waits longer than that."""
+        self.reconnecting, self.error = True, failure
+        log.error("engine step failed (%s); re-forming the AFD world", failure)
+        self._fail(self.engine.scheduler.running, failure)
+        if self._trace is not None:
+            self._trace[1].get_loop().call_soon_threadsafe(self._trace[1].set_exception, RuntimeError(failure))
+            self._trace = None
+        while not self._stopped.is_set():
+            try:
+                self.reconnect()
+            except Exception as e:
+                log.error("re-forming the AFD world failed: %s", e)
+                self._drain(block=False)
+                self._fail(self.engine.scheduler.waiting, f"{failure}; re-forming the AFD world failed: {e}")
+                continue
+            log.warning("the AFD world re-formed; serving again")
+            self.error, self.reconnecting = None, False
+            return
+
+    def _fail(self, seqs, error: str) -> None:
+        for seq in list(seqs):
+            self.engine.abort(seq.request_id)
+            stream = self.streams.pop(seq.request_id, None)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.out.put_nowait, Delta(error=error))
 
     def _drain(self, block: bool) -> None:
         try:

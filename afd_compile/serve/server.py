@@ -25,14 +25,14 @@ def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None) -> tuple[
         from afd_compile.engine.llm_engine import LLMEngine
 
         return AsyncEngine(LLMEngine(engine_cfg), metrics=metrics), "monolithic"
-    from afd_compile.roles.worker import attention_engine, leave_attention
+    from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
 
     engine, tracer = attention_engine(engine_cfg, afd)
     runner = engine.runner
     runner.wait_observer = lambda layer, seconds: metrics.connector_latency.labels(str(layer)).observe(seconds)
 
-    return (AsyncEngine(engine, idle=runner.idle, metrics=metrics, on_exit=lambda: leave_attention(engine, tracer, afd)),
-            f"AFD {afd.topology}")
+    return (AsyncEngine(engine, idle=runner.idle, metrics=metrics, on_exit=lambda: leave_attention(engine, tracer, afd),
+                        reconnect=lambda: rejoin_attention(engine, afd)), f"AFD {afd.topology}")
 
 
 def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,
