@@ -198,6 +198,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
+        if engine.reconnecting:  # an AFD peer died: requests get 503 until the world re-forms
+            return JSONResponse({"status": "degraded", "backend": backend, "message": f"the AFD world is re-forming "
+                                 f"after {engine.error}; queued requests wait for it"}, status_code=503)
         if not engine.healthy:
             return error_response(503, f"the backend is down: {engine.error}", "service_unavailable")
         return {"status": "ok", "backend": backend}
