@@ -8,6 +8,7 @@ grace period, so a test run never leaves a server behind.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +64,13 @@ class Deployment:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def metric(self, name: str) -> float:
+        """One sample of GET /metrics, e.g. `afd:kv_cache_free_slots`."""
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers(), timeout=10).text
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, f"{name} not in /metrics"
+        return float(m.group(1))
 
     def wait_ready(self, timeout_s: float = 180.0) -> Deployment:
         """Polls GET /health until it answers 200; fails with the logs if a process exits or time runs out."""

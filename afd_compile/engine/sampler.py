@@ -4,6 +4,9 @@ Order as in vLLM: penalties (repetition over prompt and output, presence and fre
 output) on the raw logits, then greedy rows take the argmax; the others are divided by
 temperature, filtered by top_k, top_p and min_p, and sampled, each with its own generator
 when the request carries a seed. Logprobs, when asked for, are of the raw model distribution.
+
+Every valid SamplingParams must sample: a repetition_penalty of 1e-300 or a temperature just
+above greedy can push logits to inf, and one NaN row would otherwise fail the whole batch.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def clamp_finite(logits: torch.Tensor) -> torch.Tensor:
+    """inf and NaN (from extreme penalties or temperatures) become the dtype's finite extremes,
+    so softmax stays a distribution; the order of the finite values is unchanged."""
+    info = torch.finfo(logits.dtype)
+    return torch.nan_to_num(logits, nan=info.min, posinf=info.max, neginf=info.min)
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Masks to -inf what top_k (0 = off), top_p and min_p exclude; logits [B, V], params [B]."""
     vocab = logits.shape[1]
@@ -78,15 +88,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits [len(seqs), vocab] fp32."""
-        penalised = apply_penalties(logits, seqs)
+        penalised = clamp_finite(apply_penalties(logits, seqs))
         tokens = penalised.argmax(-1)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             params = [seqs[i].params for i in sampled]
             temp = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+            vocab = logits.shape[1]
             filtered = filter_logits(
-                penalised[sampled] / temp,
-                torch.tensor([max(p.top_k, 0) for p in params]),
+                clamp_finite(penalised[sampled] / temp),
+                torch.tensor([min(max(p.top_k, 0), vocab) for p in params]),  # top_k 10**30 is all tokens
                 torch.tensor([p.top_p for p in params]),
                 torch.tensor([p.min_p for p in params]),
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from afd_compile.errors import AfdError
 
@@ -27,6 +27,7 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self._check_types()
         self._check(self.temperature >= 0, "temperature", "must be >= 0")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self._check(self.top_k >= -1, "top_k", "must be -1 (disabled), 0 (disabled) or positive")
@@ -40,6 +41,17 @@ class SamplingParams:
         self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
 
+    def _check_types(self) -> None:
+        """Wrong types (a string temperature, a float max_tokens, a bool top_k) are the caller's
+        error, named like any bad value, not a TypeError from a comparison below."""
+        for f in fields(self):
+            value, (kinds, what) = getattr(self, f.name), _TYPES[f.name]
+            ok = _is(value, kinds)
+            if ok and isinstance(value, list):
+                ok = all(_is(v, (str,) if f.name == "stop" else (int,)) for v in value)
+            if not ok:
+                raise AfdError(f"{f.name}={value!r} is invalid: must be {what}")
+
     def _check(self, ok: bool, name: str, rule: str) -> None:
         value = getattr(self, name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -50,3 +62,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+def _is(value, kinds: tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is not a number here (True is an int to Python)."""
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+
+
+_NUMBER = ((float, int), "a number")
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "temperature": _NUMBER, "top_p": _NUMBER, "top_k": ((int,), "an integer"), "min_p": _NUMBER,
+    "repetition_penalty": _NUMBER, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+    "seed": ((int, type(None)), "an integer or None"), "max_tokens": ((int,), "an integer"),
+    "stop": ((list,), "a list of strings"), "stop_token_ids": ((list,), "a list of integers"),
+    "ignore_eos": ((bool,), "a bool"), "logprobs": ((int, type(None)), "an integer or None"),
+}

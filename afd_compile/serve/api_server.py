@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd_compile.errors import AfdError
@@ -21,6 +21,9 @@ from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("afd.serve")
 MAX_BODY_BYTES = 1 << 20
+# What /openapi.json promises for the generating endpoints: JSON, or SSE with "stream": true.
+GENERATE_RESPONSES = {200: {"content": {"text/event-stream": {}}}, 400: {"model": ErrorResponse},
+                      404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
 class APIError(Exception):
@@ -63,6 +66,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
               backend: str = "monolithic") -> FastAPI:
     app = FastAPI(title="afd-compile", description="OpenAI-compatible API over Attention-FFN disaggregated MoE")
     tokenizer = engine.engine.tokenizer
+    engine.metrics.watch_kv_cache(lambda: len(engine.engine.scheduler.free_slots), engine.engine.config.max_num_seqs)
 
     # Added first, so it sits inside the guard: its 413 is raised straight into FastAPI's body read
     # (through the guard's receive, a task group would wrap it into an ExceptionGroup, a 400).
@@ -105,7 +109,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             raise APIError(404, f"the model `{req.model}` does not exist; this server serves `{served_model_name}`",
                            "NotFoundError", "model")
 
-    def max_tokens(req: SamplingRequest, prompt_len: int, requested: int | None) -> int:
+    def max_tokens(req: SamplingRequest, prompt_len: int, requested: int | None, param: str = "max_tokens") -> int:
         room = max_model_len - prompt_len
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
@@ -115,7 +119,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         if requested > room:
             raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; you requested "
                                 f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                                "completion)", param="max_tokens")
+                                "completion)", param=param)
         return requested
 
     def params(req: SamplingRequest, n_max: int, logprobs: int | None, index: int):
@@ -214,24 +218,24 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         except AfdError as e:
             raise APIError(400, str(e)) from None
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": now(),
                                             "owned_by": "afd-compile", "max_model_len": max_model_len}]}
 
-    @app.post("/v1/chat/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                                                 503: {"model": ErrorResponse}})
+    @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
     async def chat(req: ChatCompletionRequest):
         check_model(req)
         try:
             prompt = engine.engine.encode_chat([m.model_dump() for m in req.messages])
         except AfdError as e:
             raise APIError(400, str(e), param="messages") from None
-        n_max = max_tokens(req, len(prompt), req.max_completion_tokens or req.max_tokens)
+        n_max = (max_tokens(req, len(prompt), req.max_completion_tokens, "max_completion_tokens")
+                 if req.max_completion_tokens else max_tokens(req, len(prompt), req.max_tokens))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         streams = [engine.generate(prompt, params(req, n_max, logprobs, i)) for i in range(req.n)]
         rid, created = new_id("chatcmpl"), now()
@@ -262,8 +266,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 "choices": choices, "usage": Usage(prompt_tokens=len(prompt), completion_tokens=completion,
                                                    total_tokens=len(prompt) + completion).model_dump()}
 
-    @app.post("/v1/completions", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                                            503: {"model": ErrorResponse}})
+    @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(req: CompletionRequest):
         check_model(req)
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \

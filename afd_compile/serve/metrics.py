@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -23,9 +25,17 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("afd:num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("afd:num_requests_waiting", "Requests waiting for a KV cache slot", registry=r)
+        self.kv_cache_slots = Gauge("afd:kv_cache_slots", "KV cache slots (max_num_seqs)", registry=r)
+        self.kv_cache_free_slots = Gauge("afd:kv_cache_free_slots", "KV cache slots free for a new request",
+                                         registry=r)
         self.connector_latency = Histogram("afd:connector_wait_seconds",
                                            "Attention rank's wait for FFN output, per layer", ["layer"],
                                            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1), registry=r)
+
+    def watch_kv_cache(self, free_slots: Callable[[], int], num_slots: int) -> None:
+        """Counts free slots at scrape time: a leaked slot shows here even while the engine is idle."""
+        self.kv_cache_slots.set(num_slots)
+        self.kv_cache_free_slots.set_function(free_slots)
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.set(running)

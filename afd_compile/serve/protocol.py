@@ -11,20 +11,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from afd_compile.engine.sampling_params import SamplingParams
 
+# Requests are validated strictly, as /openapi.json publishes them: `"n": 1.5`, `"top_k": true`,
+# `"temperature": "0.5"` or `"prompt": [[false]]` are 400s, not silently coerced to something else.
+STRICT = ConfigDict(strict=True)
+
 
 class ChatMessage(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions (OpenAI names plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -94,5 +102,7 @@ class ErrorResponse(BaseModel):
 
 
 class TraceRequest(BaseModel):
+    model_config = STRICT
+
     steps: int = Field(default=8, ge=1, le=1000)
     timeout: float = Field(default=30.0, gt=0, le=600)
