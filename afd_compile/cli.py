@@ -59,6 +59,8 @@ def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
     p.add_argument("--connector-timeout", type=float, default=60.0,
                    help="seconds any rendezvous or connector wait may take before it is an error")
     p.add_argument("--ep-dispatch", default="sort", help="FFN expert parallelism: sort or deepspeed")
+    p.add_argument("--connector-delay-us", type=float, default=0.0,
+                   help="inject this link delay into every hidden-state message (overlap experiments; one host)")
     p.add_argument("--trace", default=None, help="write a Chrome trace (Perfetto) of the AFD timeline here")
     p.add_argument("--additional-config", default=None,
                    help='vLLM-AFD form, e.g. \'{"role": "ffn", "afd_size": "2A2F"}\'')
@@ -86,7 +88,7 @@ def _afd_config(args, role: str, rank: int):
 
     return AFDConfig(afd_size=args.afd_size, role=role, rank=rank, micro_batches=args.micro_batches,
                      connector=args.connector, timeout_s=args.connector_timeout, ep_dispatch=args.ep_dispatch,
-                     trace=args.trace)
+                     trace=args.trace, connector_delay_us=args.connector_delay_us)
 
 
 def _sampling_params(args):

@@ -71,6 +71,7 @@ class AFDConfig:
     timeout_s: float = 60.0  # rendezvous and every connector wait
     ep_dispatch: str = "sort"  # FFN expert parallelism: "sort" (moe_kernels) or "deepspeed"
     trace: str | None = None  # write this rank's Chrome trace here on exit
+    connector_delay_us: float = 0.0  # injected per-message link delay (connector/delay.py), same host only
 
     def __post_init__(self):
         from afd_compile.model.ffn_half import EP_DISPATCH
@@ -87,5 +88,9 @@ class AFDConfig:
 
         if self.connector not in BACKENDS:
             raise AfdError(f"connector {self.connector!r} is not one of {', '.join(BACKENDS)}")
+        if self.connector_delay_us < 0:
+            raise AfdError(f"connector delay must be >= 0 us, got {self.connector_delay_us}")
+        if self.connector_delay_us and self.connector == "nccl":
+            raise AfdError("--connector-delay-us works with the CPU connectors (gloo, shm), not nccl")
         if self.ep_dispatch not in EP_DISPATCH:
             raise AfdError(f"ep_dispatch {self.ep_dispatch!r} is not one of {', '.join(EP_DISPATCH)}")

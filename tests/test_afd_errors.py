@@ -163,3 +163,12 @@ def test_seed_underscore_flags_are_accepted():
 
     assert normalize_flags(["ffn", "--enforce_eager", '--additional_config={"afd_size": "2A2F"}', "--", "--x_y"]) == [
         "ffn", "--enforce-eager", '--additional-config={"afd_size": "2A2F"}', "--", "--x_y"]
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(connector_delay_us=-1), "delay must be >= 0"),
+                                          (dict(connector="nccl", connector_delay_us=10), "not nccl")])
+def test_bad_connector_delay_is_rejected(kwargs, match):
+    from afd_compile.config import AFDConfig
+
+    with pytest.raises(AfdError, match=match):
+        AFDConfig(afd_size="1A1F", **kwargs)

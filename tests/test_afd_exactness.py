@@ -90,3 +90,29 @@ def test_compiled_afd_matches_monolithic(tiny_reference):
     model_dir, expected = tiny_reference
     out = run_afd(model_dir, "1A1F", PROMPTS, GREEDY, micro_batches=2, enforce_eager=False, batch_buckets=(4,))
     assert out["tokens"] == expected
+
+
+@pytest.mark.parametrize("afd_size,m,connector", [("1A1F", 2, "shm"), ("2A1F", 3, "gloo")],
+                         ids=IDS([("1A1F", 2, "shm"), ("2A1F", 3, "gloo")]))
+def test_injected_link_delay_keeps_tokens(tiny_reference, afd_size, m, connector):
+    """--connector-delay-us only holds messages back: the tokens are the monolithic engine's."""
+    model_dir, expected = tiny_reference
+    out = run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector, connector_delay_us=300)
+    assert out["tokens"] == expected
+
+
+def test_injected_link_delay_holds_each_message_back():
+    """Oracle: the clock. A message sent now is handed over no sooner than the delay later, the
+    stamp row is stripped, and the payload is untouched."""
+    import time
+
+    import torch
+
+    from afd_compile.connector.delay import DelayedConnector, _stamped
+
+    conn = DelayedConnector(None, 2000, 8, torch.float32)
+    x = torch.randn(3, 8)
+    t0 = time.monotonic()
+    y = conn._arrive(_stamped(x))
+    assert time.monotonic() - t0 >= 2e-3
+    assert torch.equal(y, x)

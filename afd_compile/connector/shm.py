@@ -3,7 +3,7 @@ direction of each attention<->FFN link.
 
 Why not gloo on one host: every gloo message crosses the loopback TCP stack twice and a
 background thread; here a message is one memcpy into /dev/shm and one out, and the waiting
-side polls a counter (yielding the core while it waits). The ring streams a message of any
+side polls a counter (spinning briefly, then yielding the core, then sleeping). The ring streams a message of any
 size through its fixed capacity, so prefill batches need no special case.
 
 Ordering relies on x86-64's total store order: the writer stores the payload, then the
@@ -27,7 +27,8 @@ from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError,
 MIN_RING_BYTES = 4 << 20
 _CTRL = 64  # head, tail, writer pid, reader pid, closed: int64 each, one cache line
 _HEAD, _TAIL, _WRITER, _READER, _CLOSED = range(5)
-_YIELD_S = 1e-3  # poll, yielding the core, this long; then sleep a tenth of the wait so far
+_SPIN_S = 50e-6  # busy-poll this long: in a decode pipeline the reply is usually this close
+_YIELD_S = 1e-3  # then poll yielding the core this long; then sleep a tenth of the wait so far
 _MAX_SLEEP_S = 2e-3
 
 
@@ -57,16 +58,21 @@ class Ring:
             self.ctrl[:] = 0
 
     def _wait(self, ready, peer_slot: int, timeout_s: float, what: str, patient: bool = False) -> None:
-        """patient: the wait is expected to be long (an idle rank's ack), so sleep from the start."""
+        """Spins, then yields, then sleeps. patient: the wait is expected to be long (an idle
+        rank's ack), so sleep from the start."""
         start = time.monotonic()
         next_check = start + 0.05
-        yield_s = 0.0 if patient else _YIELD_S
+        spin_s, yield_s = (0.0, 0.0) if patient else (_SPIN_S, _YIELD_S)
         while not ready():
             now = time.monotonic()
             waited = now - start
-            # Short waits (the steady decode pipeline) stay responsive; long ones (an idle
-            # peer) cost little CPU and add at most ~10% latency.
-            time.sleep(0 if waited < yield_s else min(waited / 10 + 50e-6, _MAX_SLEEP_S))
+            if waited >= spin_s:
+                # sched_yield hands the core to a runnable process and returns at once if there
+                # is none; time.sleep, even sleep(0), costs ~60-80 us of timer slack on Linux.
+                if waited < yield_s:
+                    os.sched_yield()
+                else:  # an idle peer: little CPU, at most ~10% added latency
+                    time.sleep(min(waited / 10 + 50e-6, _MAX_SLEEP_S))
             if now >= next_check:
                 next_check = now + 0.05
                 pid = int(self.ctrl[peer_slot])

@@ -41,6 +41,8 @@ def rank_args(args, role: str, rank: int) -> list[str]:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.enforce_eager:
         out.append("--enforce-eager")
+    if getattr(args, "connector_delay_us", 0):
+        out += ["--connector-delay-us", str(args.connector_delay_us)]
     if getattr(args, "trace", None):
         out += ["--trace", f"{args.trace}.{role}{rank}.json"]
     return ["ffn", *out] if role == "ffn" else ["generate", "--role", "attention", *out]

@@ -30,6 +30,15 @@ def _check(engine_cfg: EngineConfig, afd: AFDConfig):
 
 
 def _connector(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
+    connector = _links(afd, world, hf, engine_cfg)
+    if afd.connector_delay_us:
+        from afd_compile.connector.delay import DelayedConnector
+
+        connector = DelayedConnector(connector, afd.connector_delay_us, hf.hidden_size, engine_cfg.torch_dtype)
+    return connector
+
+
+def _links(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
     topo = afd.topology
     attention_ranks = [afd.rank] if afd.role == "attention" else topo.attention_peers(afd.rank)
     common = dict(hidden_size=hf.hidden_size, dtype=engine_cfg.torch_dtype, timeout_s=afd.timeout_s)

@@ -1,0 +1,69 @@
+"""An injected per-message link delay (`--connector-delay-us`), to show what ping-pong
+micro-batches hide: every hidden-state message becomes visible to its receiver only `delay`
+after it was sent, as over a slower link, while the sender goes on at once.
+
+The send time travels in one extra row appended to the message (int64 nanoseconds of
+CLOCK_MONOTONIC, which every process of one host shares), so this works over any connector
+but only between ranks on one host. Step headers and acks are not delayed: one per step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from afd_compile.connector.base import AFDConnector, StepHeader
+
+
+def _stamped(hidden: torch.Tensor) -> torch.Tensor:
+    row = hidden.new_zeros(1, hidden.shape[1])
+    row.view(torch.int64)[0, 0] = time.monotonic_ns()
+    return torch.cat([hidden, row])
+
+
+class DelayedConnector(AFDConnector):
+    def __init__(self, inner: AFDConnector, delay_us: float, hidden_size: int, dtype: torch.dtype):
+        if hidden_size * dtype.itemsize % 8:
+            raise ValueError("the delay stamp needs rows of a multiple of 8 bytes")
+        self.inner, self.delay_ns = inner, int(delay_us * 1e3)
+
+    def _arrive(self, stamped: torch.Tensor) -> torch.Tensor:
+        """Waits until the message's send time plus the delay (spinning: delays are microseconds,
+        where a sleep overshoots by ~60 us), then returns it without the stamp row."""
+        due = int(stamped[-1:].view(torch.int64)[0, 0]) + self.delay_ns
+        while time.monotonic_ns() < due:
+            pass
+        return stamped[:-1]
+
+    # ---- attention side
+    def send_step(self, header: StepHeader) -> None:
+        self.inner.send_step(header)
+
+    def send_attn_output(self, hidden: torch.Tensor, micro_batch: int) -> None:
+        self.inner.send_attn_output(_stamped(hidden), micro_batch)
+
+    def recv_ffn_output(self, micro_batch: int) -> torch.Tensor:
+        return self._arrive(self.inner.recv_ffn_output(micro_batch))
+
+    def recv_ack(self) -> None:
+        self.inner.recv_ack()
+
+    # ---- FFN side
+    def recv_step(self, peer: int) -> StepHeader:
+        return self.inner.recv_step(peer)
+
+    def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor:
+        return self._arrive(self.inner.recv_attn_output(peer, tokens + 1, micro_batch))
+
+    def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
+        self.inner.send_ffn_output(peer, _stamped(hidden), micro_batch)
+
+    def send_ack(self, peer: int) -> None:
+        self.inner.send_ack(peer)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
