@@ -85,10 +85,13 @@ def test_each_rank_holds_only_its_weights(tiny_reference):
     assert counts[("ffn", 0)] == counts[("ffn", 1)] == replicated + routed // 2
 
 
-def test_compiled_afd_matches_monolithic(tiny_reference):
-    """The attention ranks' torch.compile'd decode gives the same tokens as eager monolithic."""
+@pytest.mark.parametrize("afd_size", ["1A1F", "2A1F"])
+def test_compiled_afd_matches_monolithic(tiny_reference, afd_size):
+    """The torch.compile'd decode of the attention ranks and of the FFN rank (one graph per
+    row count: 2A1F's FFN rank sees both peers' micro-batches at once) gives the tokens of
+    eager monolithic."""
     model_dir, expected = tiny_reference
-    out = run_afd(model_dir, "1A1F", PROMPTS, GREEDY, micro_batches=2, enforce_eager=False, batch_buckets=(4,))
+    out = run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=2, enforce_eager=False, batch_buckets=(4,))
     assert out["tokens"] == expected
 
 

@@ -29,6 +29,7 @@ HEADER_LEN = 4 + MAX_MICRO_BATCHES
 class Flag(enum.IntFlag):
     TRACE = 1  # FFN ranks record this round on their timeline
     DUMP = 2  # FFN ranks publish their timeline (rendezvous store key afd/trace/<step>/ffn<rank>)
+    DECODE = 4  # a decode step: bucketed static shapes, which the FFN ranks run through compiled layers
 
 
 class Kind(enum.IntEnum):

@@ -127,7 +127,7 @@ class AFDModelRunner:
         if self.decode_graphs is not None:
             return self.decode_graphs(mbs)
         self._warm_up(size)
-        return self._pipeline(mbs, self.decode_attention)
+        return self._pipeline(mbs, self.decode_attention, Flag.DECODE)
 
     def _warm_up(self, rows: int) -> None:
         """Compiles the decode graph for a new micro-batch size before the step header goes out:
@@ -141,9 +141,10 @@ class AFDModelRunner:
         self._warm.add(rows)
 
     # ---- the ping-pong pipeline
-    def _pipeline(self, mbs: list[MicroBatch], attention) -> torch.Tensor:
+    def _pipeline(self, mbs: list[MicroBatch], attention, flags: Flag = Flag(0)) -> torch.Tensor:
         step = next(self.steps)
-        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs), self._step_flags()))
+        self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs),
+                                            self._step_flags() | flags))
         logits = self._layers(mbs, attention, step)
         self._step_traced()
         return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from afd_compile.connector.base import Kind, StepHeader
+from afd_compile.connector.base import Flag, Kind, StepHeader
 
 
 def _static_copy(mb):
@@ -42,7 +42,7 @@ class DecodeGraphs:
             _fill(s, mb)
         step = next(self.runner.steps)
         self.runner.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs),
-                                                   self.runner._step_flags()))
+                                                   self.runner._step_flags() | Flag.DECODE))
         graph.replay()  # host-side spans are not recorded inside a replay; the FFN side's are
         self.runner._step_traced()
         return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()
@@ -52,7 +52,7 @@ class DecodeGraphs:
         # One real step first (the FFN ranks answer it): NCCL communicators, cuBLAS workspaces
         # and compiled kernels must exist before capture. It computes exactly this batch's
         # step, so its KV cache writes are the ones the replay makes again.
-        self.runner._pipeline(static, self.attention)
+        self.runner._pipeline(static, self.attention, Flag.DECODE)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

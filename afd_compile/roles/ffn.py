@@ -26,8 +26,13 @@ log = logging.getLogger("afd.ffn")
 IDLE_BACKOFF_S = (0.0005, 0.02)  # an all-idle round waits this long, doubling up to the max
 
 
+def _ffn_layer(half, x: torch.Tensor) -> torch.Tensor:
+    return half(x)
+
+
 class FFNWorker:
-    def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None):
+    def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None,
+                 compile_decode: bool = False, batch_buckets: tuple[int, ...] = ()):
         self.model, self.world, self.connector = model, world, connector
         self.peers = list(range(len(world.topology.attention_peers(world.rank))))
         self.tracer = tracer or Tracer(f"ffn {world.rank}", world.global_rank)
@@ -35,6 +40,19 @@ class FFNWorker:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.always_trace = self.tracer.enabled  # started with --trace: record every round
+        # Decode rounds have bucketed row counts: one compiled graph per count, shared by all
+        # layers (weights are graph inputs), as on the attention side. Expert parallelism's
+        # all-to-alls stay eager, so only a rank holding every expert compiles.
+        self.decode_layer = None
+        if compile_decode and world.topology.num_ffn == 1:
+            import torch._dynamo
+
+            from afd_compile.engine.model_runner import compile_options
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       len(batch_buckets) * len(self.peers) + 1)
+            self.decode_layer = torch.compile(_ffn_layer, dynamic=False, fullgraph=True,
+                                              options=compile_options(self.device))
 
     def _agree(self, m: int, trace: int, dump: int) -> tuple[int, int, int]:
         """The FFN ranks' common round: most micro-batches, and whether any peer asked for a
@@ -75,7 +93,8 @@ class FFNWorker:
                 idle_wait = min(idle_wait * 2, IDLE_BACKOFF_S[1])
             else:
                 idle_wait = IDLE_BACKOFF_S[0]
-                self._run_round(steps, m, next(iter(headers.values())).step if headers else 0)
+                decode = all(h.flags & Flag.DECODE for h in headers.values() if h.kind is Kind.STEP)
+                self._run_round(steps, m, next(iter(headers.values())).step if headers else 0, decode)
             if dump:
                 self._publish_trace(dump)
             for p, h in headers.items():
@@ -84,7 +103,8 @@ class FFNWorker:
             self.connector.flush()
         log.info("ffn rank %d: all attention peers left; exiting", self.world.rank)
 
-    def _run_round(self, steps: dict[int, tuple[int, ...]], m: int, step: int) -> None:
+    def _run_round(self, steps: dict[int, tuple[int, ...]], m: int, step: int, decode: bool) -> None:
+        layer_fn = self.decode_layer if decode and self.decode_layer is not None else _ffn_layer
         for layer, ffn_half in enumerate(self.model.ffn_halves):
             for k in range(m):
                 with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
@@ -93,7 +113,7 @@ class FFNWorker:
                 x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype,
                                                                                     device=self.device)
                 with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
-                    y = ffn_half(x)
+                    y = layer_fn(ffn_half, x) if x.shape[0] else ffn_half(x)
                 with self.tracer.span("send", "ffn", layer=layer, micro_batch=k, step=step):
                     for (p, _), out in zip(parts, y.split([x.shape[0] for _, x in parts])):
                         self.connector.send_ffn_output(p, out, k)
