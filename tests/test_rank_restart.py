@@ -2,16 +2,18 @@
 it, the survivors re-form the AFD world with it (a new rendezvous generation), and serving
 resumes with the same greedy answers.
 
-The deployment has one KV cache slot (--max-num-seqs 1), so a second request provably waits in
-the queue while the first decodes: the first is in flight when the FFN rank dies (it must fail
-with 503 within 10 s), the second is queued (it must be retried and complete).
+The FFN rank is stopped (SIGSTOP) mid-decode before it is killed, so the engine is provably
+stuck in a step: the request being decoded is in flight (it must fail with 503 within 10 s), and
+a request accepted meanwhile is queued, not started (it must be retried and complete).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,15 +21,22 @@ from pathlib import Path
 import httpx
 import pytest
 
+from afd_compile.config import EngineConfig
+from afd_compile.connector.base import ConnectorError
+from afd_compile.engine import LLMEngine, SamplingParams
+from afd_compile.errors import AfdError
+from afd_compile.roles import launcher
+from afd_compile.serve.async_engine import AsyncEngine
 from tests.server_fixtures import start_launch
-from tests.test_server import ODD, ODD_ANSWER, assert_error, chat, wait_metric
+from tests.test_server import ODD, ODD_ANSWER, assert_error, chat
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def launch(shipped_model, tmp_path_factory):
-    d = start_launch(shipped_model, tmp_path_factory.mktemp("restart-logs"), extra=["--max-num-seqs", "1"])
+@pytest.fixture(scope="module", params=["gloo", "shm"])
+def launch(request, shipped_model, tmp_path_factory):
+    d = start_launch(shipped_model, tmp_path_factory.mktemp(f"restart-{request.param}"),
+                     extra=["--connector", request.param])
     try:
         yield d.wait_ready()
     finally:
@@ -49,16 +58,25 @@ def answer(r: httpx.Response) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def stream_until_end(d, **params) -> tuple[list[dict], float]:
-    """Streams a chat completion; returns its events and when the stream ended."""
-    body = {"model": d.model, "messages": [{"role": "user", "content": ODD}], "stream": True, **params}
+def stream_chat(d, accepted: threading.Event, first_token: threading.Event, **params) -> tuple[list[dict], float]:
+    """Streams a greedy chat completion of ODD, setting `accepted` on its 200 and `first_token` on
+    its first chunk; returns its events and when the stream ended."""
+    body = {"model": d.model, "messages": [{"role": "user", "content": ODD}], "stream": True, "temperature": 0,
+            **params}
     events = []
-    with httpx.stream("POST", f"{d.url}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{d.url}/v1/chat/completions", json=body, timeout=150) as r:
         assert r.status_code == 200
+        accepted.set()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
+                first_token.set()
     return events, time.monotonic()
+
+
+def content(events: list[dict]) -> str:
+    assert "error" not in events[-1], events[-1]
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
 
 
 def wait_health(d, status: int, timeout_s: float) -> dict:
@@ -78,12 +96,15 @@ def test_ffn_rank_killed_is_restarted_and_serving_resumes(launch):
     """Oracle: the greedy answer before the kill; the in-flight request ends with a 503 error event
     within 10 s, /health says degraded, the queued request and a new one get the same answer."""
     assert answer(chat(launch, ODD, temperature=0)) == ODD_ANSWER
+    ffn = rank_pid(launch, "ffn")
+    a_accepted, a_decoding, b_accepted, b_started = (threading.Event() for _ in range(4))
     with ThreadPoolExecutor(2) as pool:
-        in_flight = pool.submit(stream_until_end, launch, temperature=0, max_tokens=480, ignore_eos=True)
-        wait_metric(launch, "afd:num_requests_running", 1)
-        queued = pool.submit(chat, launch, ODD, temperature=0, timeout=150)
-        wait_metric(launch, "afd:num_requests_waiting", 1)
-        os.kill(rank_pid(launch, "ffn"), signal.SIGKILL)
+        in_flight = pool.submit(stream_chat, launch, a_accepted, a_decoding, max_tokens=480, ignore_eos=True)
+        assert a_decoding.wait(60)
+        os.kill(ffn, signal.SIGSTOP)  # its next step now waits for the FFN rank
+        queued = pool.submit(stream_chat, launch, b_accepted, b_started)
+        assert b_accepted.wait(60) and not b_started.is_set()  # queued: the engine is stuck in the step
+        os.kill(ffn, signal.SIGKILL)
         killed = time.monotonic()
 
         events, ended = in_flight.result(timeout=30)
@@ -95,7 +116,7 @@ def test_ffn_rank_killed_is_restarted_and_serving_resumes(launch):
         assert_error(chat(launch, ODD, temperature=0, timeout=10), 503)  # new requests: refused while down
 
         assert wait_health(launch, 200, 120)["status"] == "ok"
-        assert answer(queued.result(timeout=60)) == ODD_ANSWER  # retried after the reconnect, not lost
+        assert content(queued.result(timeout=60)[0]) == ODD_ANSWER  # retried after the reconnect, not lost
     assert answer(chat(launch, ODD, temperature=0)) == ODD_ANSWER
     assert "ffn 0 was killed by SIGKILL; restart 1 of 3" in launch.server.stderr()
 
@@ -113,3 +134,95 @@ def test_attention_rank_killed_is_restarted_and_ffn_waits(launch):
     log = launch.server.stderr()
     assert "attention 0 was killed by SIGKILL; restart 1 of 3" in log
     assert "waiting for the next one" in log
+
+
+# ---------------------------------------------------------------- the pieces, without processes
+
+
+def test_launcher_restarts_a_failed_rank_then_gives_up(monkeypatch):
+    """Oracle: a rank that fails every time is started max_restarts more times, then the launcher
+    stops with its error and the restart count."""
+    monkeypatch.setattr(launcher, "RESTART_BACKOFF_S", (0.05, 0.1))
+    sup = launcher.Supervisor({}, relay_logs=False, max_restarts=2)
+    child = sup.start("ffn 0", ["ffn"])  # no --afd-size: exits 1 at once
+    with pytest.raises(AfdError, match=r"ffn 0 exited with code 1: afd ffn needs --afd-size.*after 2 restart"):
+        sup.wait()
+    assert child.restarts == 2
+
+
+PROMPT = [1, 5, 8, 6]
+
+
+@pytest.fixture
+def flaky_engine(tiny_greedy_checkpoint):
+    """A monolithic engine whose decode steps fail while `broken` is set, as an attention rank's
+    do while its FFN rank is dead; and the greedy tokens of PROMPT without failures."""
+    engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_num_seqs=1))
+    reference = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids
+    broken, decode = threading.Event(), engine.runner.decode
+
+    def run(seqs):
+        if broken.is_set():
+            raise ConnectorError("the peer process is gone")
+        time.sleep(0.01)  # keeps the long request in flight while the test breaks the link
+        return decode(seqs)
+
+    engine.runner.decode = run
+    return engine, broken, reference
+
+
+def fail_running_then_reconnect(engine, broken, reconnect) -> tuple[list, list]:
+    """Runs a long request (in flight) and a short one (queued: one KV slot), breaks the link, and
+    returns both requests' deltas once the server is healthy again (within 10 s)."""
+    async_engine = AsyncEngine(engine, reconnect=reconnect)
+
+    async def main():
+        async def collect(max_tokens):
+            return [d async for d in async_engine.generate(PROMPT, SamplingParams(
+                temperature=0, max_tokens=max_tokens, ignore_eos=True))]
+
+        async def until(condition):
+            while not condition():
+                await asyncio.sleep(0.005)
+
+        running = asyncio.ensure_future(collect(100))
+        await until(lambda: engine.scheduler.running)
+        queued = asyncio.ensure_future(collect(8))
+        await until(lambda: engine.scheduler.waiting)
+        broken.set()
+        deltas = await asyncio.wait_for(asyncio.gather(running, queued), 30)
+        await asyncio.wait_for(until(lambda: async_engine.healthy), 10)
+        return deltas
+
+    try:
+        return asyncio.run(main())
+    finally:
+        async_engine.close()
+
+
+def test_reconnect_fails_running_requests_and_retries_queued_ones(flaky_engine):
+    """Oracle: the greedy tokens of the queued request, computed without a failure."""
+    engine, broken, reference = flaky_engine
+    running, queued = fail_running_then_reconnect(engine, broken, broken.clear)
+    assert "the peer process is gone" in running[-1].error
+    assert queued[-1].error is None and queued[-1].finish_reason == "length"
+    assert [t for d in queued for t in d.token_ids] == reference
+    assert len(engine.scheduler.free_slots) == 1
+
+
+def test_queued_requests_fail_when_a_reconnect_attempt_fails(flaky_engine):
+    """Oracle: a queued request waits for one reconnect attempt (bounded by the connector
+    timeout), no longer; the engine keeps trying and serves again once an attempt succeeds."""
+    engine, broken, _ = flaky_engine
+    attempts = []
+
+    def reconnect():
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise AfdError("no new generation of the AFD world opened within 60 s")
+        broken.clear()
+
+    running, queued = fail_running_then_reconnect(engine, broken, reconnect)
+    assert "the peer process is gone" in running[-1].error
+    assert "re-forming the AFD world failed: no new generation" in queued[-1].error
+    assert len(attempts) == 2 and len(engine.scheduler.free_slots) == 1
