@@ -107,9 +107,15 @@ def test_every_valid_sampling_params_sample_a_token(kwargs, logits):
 
 odd_roles = st.one_of(st.sampled_from(["system", "user", "assistant"]),
                       st.sampled_from(["tool", "developer", "function", "", "USER", "<|eos|>"]), st.text(max_size=8))
-contents = st.one_of(st.just(""), st.text(max_size=40), st.sampled_from(["1 3 5 7 9", "∑ 🙂 中文 \x00", "<|eos|> 1",
-                                                                           "{{ bos_token }}", "{% if %}"]))
-messages = st.lists(st.fixed_dictionaries({"role": odd_roles, "content": contents}), min_size=1, max_size=4)
+unicode = st.one_of(st.just(""), st.text(max_size=40), st.sampled_from(["1 3 5 7 9", "∑ 🙂 中文 \x00", "<|eos|> 1",
+                                                                          "{{ bos_token }}", "{% if %}"]))
+# JSON can carry a lone surrogate ("\ud800") that no UTF-8 text holds: the tokenizer raised a
+# TypeError on it (a 500) until the API refused it.
+surrogate = st.builds("".join, st.lists(st.one_of(st.characters(categories=["Cs"]), st.text(max_size=3)), min_size=1,
+                                        max_size=4)).filter(lambda t: any("\ud800" <= c <= "\udfff" for c in t))
+messages = st.lists(st.fixed_dictionaries({"role": odd_roles, "content": unicode}), min_size=1, max_size=4)
+wire_messages = st.lists(st.fixed_dictionaries({"role": odd_roles, "content": st.one_of(unicode, surrogate)}),
+                         min_size=1, max_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -202,19 +208,40 @@ def test_sampler_fields_in_requests_400_or_200(server, fields, stream):
         assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text, r.text[-300:]
 
 
+def has_surrogate(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 @SERVER
-@given(messages)
+@given(wire_messages)
 def test_chat_messages_400_or_200(server, msgs):
-    """Oracle: system/user/assistant messages with any content (empty, non-ASCII, special-token
-    text, Jinja syntax) answer 200; any other role is a 400 naming `messages`."""
+    """Oracle: system/user/assistant messages with any Unicode content (empty, non-ASCII,
+    special-token text, Jinja syntax) answer 200; any other role, or a lone surrogate, is a 400
+    naming `messages`."""
     r = post_raw(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
-    if all(m["role"] in ("system", "user", "assistant") for m in msgs):
+    if all(m["role"] in ("system", "user", "assistant") and not has_surrogate(m["content"]) for m in msgs):
         assert r.status_code == 200, (msgs, r.text)
         assert isinstance(r.json()["choices"][0]["message"]["content"], str)
     else:
         assert r.status_code == 400, (msgs, r.text)
         assert_error_schema(r)
         assert r.json()["error"]["param"].startswith("messages")
+
+
+@SERVER
+@given(st.one_of(st.text(max_size=8), surrogate, st.lists(st.one_of(st.text(max_size=4), surrogate), min_size=1,
+                                                          max_size=3)))
+def test_completion_prompt_text_400_or_200(server, prompt):
+    """Oracle: a text prompt (or a list of them) answers 200, or 400 naming `prompt` when it is empty or
+    holds a lone surrogate."""
+    r = post_raw(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if any(has_surrogate(t) for t in texts) or not all(t.split() for t in texts):
+        assert r.status_code == 400, (prompt, r.text)
+        assert_error_schema(r)
+        assert r.json()["error"]["param"] == "prompt", r.text
+    else:
+        assert r.status_code == 200, (prompt, r.text)
 
 
 def test_server_healthy_and_exact_after_the_fuzzing(server):

@@ -26,6 +26,12 @@ GENERATE_RESPONSES = {200: {"content": {"text/event-stream": {}}}, 400: {"model"
                       404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
+def _union_tag(part) -> bool:
+    """pydantic puts the branch of a union into an error's location (`stop.str`,
+    `prompt.list[int].0`): not part of the field's path."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or any(c in part for c in "[]()-"))
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -88,8 +94,10 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p))
         message = first.get("msg", "invalid request")
+        if any(_union_tag(p) for p in first.get("loc", ())):  # this was the first branch of a union to fail
+            message += " (nor does it match the field's other accepted types)"
         return error_response(400, f"{where}: {message}" if where else f"request body: {message}",
                               param=where or None)
 
@@ -97,6 +105,11 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     async def on_http_error(_, exc: StarletteHTTPException):  # unknown path, wrong method, 413, ...
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_bug(_, exc: Exception):  # still the error schema; the traceback goes to the log only
+        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                              "internal_error")
 
     @app.exception_handler(APIError)
     async def on_api_error(_, exc: APIError):

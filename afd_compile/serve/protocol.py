@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from afd_compile.engine.sampling_params import SamplingParams
 
@@ -16,11 +16,23 @@ from afd_compile.engine.sampling_params import SamplingParams
 STRICT = ConfigDict(strict=True)
 
 
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text, but has a lone surrogate {text[e.start]!r} at {e.start}") from None
+    return text
+
+
+# JSON may spell a lone surrogate ("\ud800"); the tokenizer cannot take one (a TypeError, once a 500).
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class StreamOptions(BaseModel):
@@ -74,6 +86,14 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, prompt):  # after the union: one clear message, not one per branch
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            if isinstance(text, str):
+                _utf8(text)
+        return prompt
 
 
 class Usage(BaseModel):
