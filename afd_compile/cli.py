@@ -276,6 +276,22 @@ def cmd_bench(args) -> None:
     run_scenario(args)
 
 
+def cmd_plan(args) -> None:
+    from afd_compile.planner import Profile, plan
+    from benchmarks.report import format_table
+
+    if args.cores is None:
+        args.cores = len(os.sched_getaffinity(0))
+    rows = plan(Profile.load(args.profile), args.batch_size, args.cores, args.max_micro_batches,
+                args.connector_delay_us * 1e-6)
+    print(f"decode batch {args.batch_size} on {args.cores} cores, one rank per core (predicted by the cost model)")
+    print(format_table(["topology", "m", "ms/step", "tok/s"],
+                       [[r["afd_size"], r["micro_batches"], r["step_ms"], r["tokens_per_s"]] for r in rows[:args.top]]))
+    best = rows[0]
+    print(f"recommended: --afd-size {best['afd_size']} --micro-batches {best['micro_batches']} "
+          f"({best['tokens_per_s']:.0f} tok/s predicted)")
+
+
 def cmd_console(args) -> None:
     from console.app import main as console_main
 
@@ -319,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
     _engine_args(p)
-    p.add_argument("--scenario", choices=["monolithic", "connector", "serve", "moe"], required=True)
+    p.add_argument("--scenario", choices=["monolithic", "connector", "serve", "moe", "afd"], required=True)
     p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated decode batch sizes")
     p.add_argument("--steps", type=int, default=32, help="decode steps measured per configuration")
     p.add_argument("--backends", default="compiled,eager,transformers",
@@ -328,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measurements per configuration, interleaved across backends; the fastest is reported")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")
     p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="moe: token counts per layer call")
+    p.add_argument("--micro-batch-sweep", default="1,2,3,4,6", help="afd: micro-batch counts m of 1A1F")
+    p.add_argument("--delays-us", default="100,300", help="afd: injected link delays of the overlap runs")
+    p.add_argument("--overlap-batch", type=int, default=32, help="afd: decode batch of the overlap runs")
+    p.add_argument("--profile-batches", default="4,8,16,32,64", help="afd: batch sizes the cost model is fitted on")
     p.add_argument("--deployments", default="monolithic,1A1F,2A2F", help="serve: monolithic and/or xAyF topologies")
     p.add_argument("--rates", default="1,2,4", help="serve: request rates (req/s), comma-separated")
     p.add_argument("--requests", type=int, default=24, help="serve: requests per rate")
@@ -335,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=2, help="serve: AFD ping-pong micro-batches")
     p.add_argument("--connector", default="shm", help="serve: AFD connector")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="predict step time and throughput of each xAyF and m from a measured profile")
+    p.add_argument("--profile", required=True, help="profile JSON written by `afd bench --scenario afd`")
+    p.add_argument("--batch-size", type=int, default=32, help="decode batch over all attention ranks")
+    p.add_argument("--cores", type=int, default=None, help="cores to place ranks on (default: this machine's)")
+    p.add_argument("--max-micro-batches", type=int, default=6)
+    p.add_argument("--connector-delay-us", type=float, default=0.0, help="extra one-way link delay to assume")
+    p.add_argument("--top", type=int, default=12, help="rows to print")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("console", help="web console (Gradio): launch ranks, chat, traces, benchmarks")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

@@ -19,6 +19,10 @@ def run_scenario(args) -> dict:
         from benchmarks.connector import run
 
         return run(args)
+    if args.scenario == "afd":
+        from benchmarks.afd import run
+
+        return run(args)
     if args.scenario == "moe":
         from benchmarks.moe import run
 

@@ -121,16 +121,17 @@ class Run:
 
 
 class EngineBackend:
-    """Our LLMEngine, torch.compile'd decode (compiled) or `enforce_eager=True` (eager)."""
+    """Our LLMEngine, torch.compile'd decode (compiled) or `enforce_eager=True` (eager); or any
+    engine given, e.g. an AFD attention rank's."""
 
-    def __init__(self, name: str, args):
+    def __init__(self, name: str, args, engine=None):
         from afd_compile.config import EngineConfig
         from afd_compile.engine import LLMEngine
 
         self.name = name
-        self.engine = LLMEngine(EngineConfig(model=args.model, enforce_eager=name == "eager",
-                                             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                             dtype=args.dtype, device=args.device))
+        self.engine = engine or LLMEngine(EngineConfig(
+            model=args.model, enforce_eager=name == "eager", max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device))
 
     def warm_up(self, prompts: list[list[int]]) -> float:
         """A short run of this batch size: compiles its decode bucket (compiled)."""
@@ -138,8 +139,9 @@ class EngineBackend:
         self.measure(prompts, WARMUP_TOKENS)
         return time.perf_counter() - t0
 
-    def measure(self, prompts: list[list[int]], steps: int) -> Run:
-        """Adds the prompts and times every engine.step() until all finish."""
+    def measure(self, prompts: list[list[int]], steps: int, on_decode=None) -> Run:
+        """Adds the prompts and times every engine.step() until all finish; calls on_decode()
+        before the first decode step."""
         from afd_compile.engine import SamplingParams
 
         params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
@@ -148,6 +150,8 @@ class EngineBackend:
         prefill_s, step_times = 0.0, []
         while sched.has_work():
             is_prefill = bool(sched.waiting) or any(s.is_prefill for s in sched.running)
+            if on_decode and not is_prefill and not step_times:
+                on_decode()
             t0 = time.perf_counter()
             self.engine.step()
             dt = time.perf_counter() - t0

@@ -1,8 +1,11 @@
-"""`afd bench --scenario monolithic` on a tiny checkpoint: the JSON holds every figure (no timing asserts)."""
+"""`afd bench` scenarios on tiny inputs: the JSON holds every figure (no timing asserts)."""
 
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from afd_compile.cli import main
 
@@ -85,3 +88,23 @@ def test_moe_scenario_checks_every_implementation(tmp_path):
         for name in ("sort", "dense", "loop"):
             assert row[name + "_us"] > 0 and row[name + "_rel_err"] < 1e-4
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the afd scenario pins its two ranks to two cores")
+def test_afd_scenario_measures_predicts_and_writes_a_profile(tiny_greedy_checkpoint, tmp_path, capsys):
+    """Monolithic vs pinned 1A1F, an overlap run and the cost model's predictions all land in the
+    JSON; the profile it writes drives `afd plan`."""
+    out = tmp_path / "afd.json"
+    assert main(["bench", "--scenario", "afd", "--model", str(tiny_greedy_checkpoint), "--enforce-eager",
+                 "--batch-sizes", "4", "--profile-batches", "2", "--micro-batch-sweep", "1,2", "--delays-us", "100",
+                 "--overlap-batch", "4", "--steps", "4", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert row["monolithic_tok_s"] > 0 and row["1A1F_m1_tok_s"] > 0 and row["1A1F_m2_tok_s"] > 0
+    assert [(o["delay_us"], o["micro_batches"]) for o in result["overlap"]] == [(100, 1), (100, 2)]
+    assert all(o["efficiency"] > 0 for o in result["overlap"])
+    assert len(result["model_vs_measured"]) == 4 and all(c["predicted_ms"] > 0 for c in result["model_vs_measured"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["plan", "--profile", str(tmp_path / "profile.json"), "--batch-size", "8", "--cores", "2"]) == 0
+    assert "recommended: --afd-size 1A1F" in capsys.readouterr().out

@@ -49,8 +49,9 @@ class FFNWorker:
 
             from afd_compile.engine.model_runner import compile_options
 
+            kinds = len({type(half.mlp) for half in model.ffn_halves})  # dense and MoE layers: a graph each
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       len(batch_buckets) * len(self.peers) + 1)
+                                                       kinds * len(batch_buckets) * len(self.peers) + 1)
             self.decode_layer = torch.compile(_ffn_layer, dynamic=False, fullgraph=True,
                                               options=compile_options(self.device))
 
