@@ -244,6 +244,18 @@ def test_completion_prompt_text_400_or_200(server, prompt):
         assert r.status_code == 200, (prompt, r.text)
 
 
+def test_one_small_body_cannot_queue_thousands_of_sequences(server):
+    """Oracle: 3000 one-token prompts with n=16 are a 15 KB body but 48,000 sequences, which kept
+    every other client waiting for minutes: at most 256 completions per request (400 beyond)."""
+    flood = {"prompt": [[5]] * 3000, "n": 16, "max_tokens": 4}
+    r = post_raw(server, "/v1/completions", flood)
+    assert r.status_code == 400 and "256" in r.json()["error"]["message"], r.text
+    assert_error_schema(r)
+    r = post_raw(server, "/v1/completions", {"prompt": [[5]] * 16, "n": 16, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 256
+    assert post_raw(server, "/v1/completions", {"prompt": [[5]] * 17, "n": 16, "max_tokens": 1}).status_code == 400
+
+
 def test_server_healthy_and_exact_after_the_fuzzing(server):
     """Oracle: after everything above, /health is 200, every KV slot is free, and greedy decoding
     still gives the shipped model's answer."""

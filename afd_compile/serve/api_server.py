@@ -21,6 +21,9 @@ from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("afd.serve")
 MAX_BODY_BYTES = 1 << 20
+# prompts x n of one request: 3000 one-token prompts with n=16 (15 KB) queued 48,000 sequences
+# ahead of every other client's request.
+MAX_CHOICES = 256
 # What /openapi.json promises for the generating endpoints: JSON, or SSE with "stream": true.
 GENERATE_RESPONSES = {200: {"content": {"text/event-stream": {}}}, 400: {"model": ErrorResponse},
                       404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
@@ -284,6 +287,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         check_model(req)
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
             else [req.prompt]
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} completions; at "
+                                f"most {MAX_CHOICES} per request", param="prompt")
         encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
         if any(not e for e in encoded):
             raise APIError(400, "the prompt is empty", param="prompt")
