@@ -84,7 +84,7 @@ class Ring:
     def write(self, payload: torch.Tensor, timeout_s: float, what: str) -> None:
         ctrl, size = self.ctrl, self.size
         ctrl[_WRITER] = os.getpid()
-        src = payload.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        src = _as_bytes(payload.detach().contiguous())
         head, done, n = int(ctrl[_HEAD]), 0, src.size
         while done < n:
             if head - int(ctrl[_TAIL]) >= size:
@@ -98,7 +98,7 @@ class Ring:
     def read_into(self, out: torch.Tensor, timeout_s: float, what: str, patient: bool = False) -> torch.Tensor:
         ctrl, size = self.ctrl, self.size
         ctrl[_READER] = os.getpid()
-        dst = out.view(-1).view(torch.uint8).numpy()
+        dst = _as_bytes(out)
         tail, done, n = int(ctrl[_TAIL]), 0, dst.size
         while done < n:
             if int(ctrl[_HEAD]) <= tail:
@@ -119,6 +119,14 @@ class Ring:
             self.shm.unlink()
         else:
             self.buf.close()
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous tensor's bytes as a numpy view, no copy. numpy's reshape and view cost a
+    fraction of torch's, and a message pays this on both sides."""
+    if t.dtype is torch.bfloat16:  # numpy has no bfloat16
+        return t.view(torch.uint8).numpy().reshape(-1)
+    return t.numpy().reshape(-1).view(np.uint8)
 
 
 def _alive(pid: int) -> bool:
