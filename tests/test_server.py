@@ -123,10 +123,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = ..., contai
 
 
 def metric(d, name: str) -> float:
-    text = httpx.get(f"{d.url}/metrics", headers=d.headers(), timeout=10).text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    return d.metric(name)
 
 
 def wait_metric(d, name: str, value: float, timeout_s: float = 15.0) -> None:
