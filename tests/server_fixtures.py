@@ -7,11 +7,13 @@ grace period, so a test run never leaves a server behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,15 @@ from afd_compile.roles.launcher import die_with_parent, stop_process_group
 from afd_compile.roles.rendezvous import free_port
 
 SEED_MODEL_NAME = "/data2/models/deepseek-v2-lite"  # the model path in the seed README's curl request
+
+
+async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict | None]:
+    """The `data:` events of a streaming response, parsed; None for the closing `data: [DONE]`."""
+    async for line in response.aiter_lines():
+        if line == "data: [DONE]":
+            yield None
+        elif line.startswith("data: "):
+            yield json.loads(line[6:])
 
 
 class Proc:

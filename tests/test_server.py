@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_fixtures import SEED_MODEL_NAME, start_afd_pair, start_launch, start_monolithic
+from tests.server_fixtures import SEED_MODEL_NAME, sse_chunks, start_afd_pair, start_launch, start_monolithic
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -439,13 +439,10 @@ async def _send(client: httpx.AsyncClient, req: dict) -> tuple[int, str]:
     async with client.stream("POST", req["path"], json=req["body"]) as r:
         if r.status_code != 200:
             return r.status_code, (await r.aread()).decode()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        async for chunk in sse_chunks(r):
+            if chunk is None:
                 done = True
                 continue
-            chunk = json.loads(line[6:])
             assert "error" not in chunk, chunk
             for c in chunk["choices"]:
                 text.append(c["delta"].get("content", "") if chat_api else c["text"])

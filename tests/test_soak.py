@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from benchmarks.report import machine_info, write_json
-from tests.server_fixtures import Deployment, start_monolithic
+from tests.server_fixtures import Deployment, sse_chunks, start_monolithic
 
 RSS_TOLERANCE = 0.10
 REQUEST_TIMEOUT_S = 120  # a request waits for a slot behind up to (clients / slots) others
@@ -62,13 +62,10 @@ async def one_stream(client: httpx.AsyncClient, body: dict, tally: Tally, abando
         if r.status_code != 200:
             tally.errors.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
             return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        async for chunk in sse_chunks(r):
+            if chunk is None:
                 done = True
                 continue
-            chunk = json.loads(line[6:])
             if "error" in chunk:
                 tally.errors.append(f"error chunk: {chunk['error']}")
                 return
