@@ -114,3 +114,11 @@ def set_expert_parallel(ffn_halves, ep_rank: int, ep_size: int, group, dispatch:
         else:
             moe.ep_routed = (lambda m: lambda x: ep_fused_experts(
                 x, *m.route(x), m.experts.gate_up_proj, m.experts.down_proj, ep_rank, ep_size, group))(moe)
+
+
+def clear_expert_parallel(ffn_halves) -> None:
+    """Drops a broken world's group: its sockets close, so that the other FFN ranks notice at once,
+    only when nothing references it any more."""
+    for half in ffn_halves:
+        if half.is_moe:
+            half.mlp.ep_routed = None

@@ -73,6 +73,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool = False,
          previous: World | None = None) -> World:
     """Joins the AFD world: its first generation, or, after `previous` broke, the next one."""
+    if previous is not None:  # a group's sockets close only once nothing references it
+        previous.ffn_group = previous.nccl_group = None
     leave()
     addr, port = master_address()
     global_rank = topology.global_rank(role, rank)

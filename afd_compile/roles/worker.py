@@ -13,7 +13,7 @@ from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.connector import make_connector
 from afd_compile.errors import AfdError
 from afd_compile.engine.llm_engine import LLMEngine
-from afd_compile.model.ffn_half import set_expert_parallel
+from afd_compile.model.ffn_half import clear_expert_parallel, set_expert_parallel
 from afd_compile.model.loader import load_config, load_model
 from afd_compile.roles import rendezvous
 from afd_compile.roles.attention import AFDModelRunner
@@ -100,6 +100,7 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
             except RuntimeError as e:  # a ConnectorError or a gloo error: a peer died
                 log.warning("ffn rank %d: generation %s broke (%s); waiting for the next one", afd.rank,
                             world.generation, str(e).splitlines()[0])
+                clear_expert_parallel(model.ffn_halves)
             finally:
                 connector.close()
     finally:
