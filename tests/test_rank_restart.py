@@ -43,13 +43,15 @@ def launch(request, shipped_model, tmp_path_factory):
         d.stop()
 
 
-def rank_pid(launch, command: str) -> int:
-    """The pid of the launcher's child running `afd <command>` (ffn: the FFN rank; serve: attention)."""
-    pids = [pid for task in Path(f"/proc/{launch.server.pid}/task").iterdir()
-            for pid in (task / "children").read_text().split()]
-    found = [int(pid) for pid in pids if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:4] == [
-        command.encode()]]
-    assert len(found) == 1, (command, pids)
+def rank_pid(launch, command: str, rank: int = 0) -> int:
+    """The pid of the launcher's child running `afd <command> --rank <rank>` (ffn, or serve: attention)."""
+    found = []
+    for task in Path(f"/proc/{launch.server.pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            if argv[3] == command and argv[argv.index("--rank") + 1] == str(rank):
+                found.append(int(pid))
+    assert len(found) == 1, (command, rank, found)
     return found[0]
 
 
@@ -134,6 +136,40 @@ def test_attention_rank_killed_is_restarted_and_ffn_waits(launch):
     log = launch.server.stderr()
     assert "attention 0 was killed by SIGKILL; restart 1 of 3" in log
     assert "waiting for the next one" in log
+
+
+@pytest.mark.slow
+def test_2a2f_serves_again_after_any_rank_is_killed(shipped_model, tmp_path):
+    """Oracle: both attention ranks' greedy answer after each of the four ranks in turn is killed;
+    only the killed rank's process is new (the others waited for it)."""
+    d = start_launch(shipped_model, tmp_path, afd_size="2A2F").wait_ready()
+    urls = [d.url, f"http://127.0.0.1:{d.port + 1}"]
+    ranks = [("ffn", 0), ("ffn", 1), ("serve", 0), ("serve", 1)]
+    try:
+        for victim in [("ffn", 1), ("serve", 1), ("serve", 0), ("ffn", 0)]:
+            before = {r: rank_pid(d, *r) for r in ranks}
+            os.kill(before[victim], signal.SIGKILL)
+            for url in urls:
+                assert serves_again(d, url) == ODD_ANSWER
+            after = {r: rank_pid(d, *r) for r in ranks}
+            assert {r for r in ranks if after[r] != before[r]} == {victim}
+    finally:
+        d.stop()
+
+
+def serves_again(d, url: str, timeout_s: float = 120) -> str:
+    """The first greedy answer to ODD that `url` gives once its deployment has re-formed."""
+    body = {"model": d.model, "messages": [{"role": "user", "content": ODD}], "temperature": 0}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            if r.status_code == 200:
+                return answer(r)
+        except httpx.HTTPError:
+            pass  # restarting
+        assert time.monotonic() < deadline, f"{url} did not serve again within {timeout_s} s"
+        time.sleep(0.3)
 
 
 # ---------------------------------------------------------------- the pieces, without processes
