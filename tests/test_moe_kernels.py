@@ -254,15 +254,20 @@ def test_fused_experts_under_torch_compile_fullgraph(data):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["dense", "gathered", "gathered-compiled"])
 @pytest.mark.parametrize("first_expert,num_local", [(0, 8), (4, 4)])
-def test_dense_experts_equal_sort_based(first_expert, num_local):
-    """Oracle: the sort-based fused_experts. The dense small-batch path (every local expert on
-    every token, unrouted weights zero) gives the same routed output, EP slices included."""
-    from afd_compile.model.ffn_half import dense_experts
+def test_static_shape_experts_equal_sort_based(first_expert, num_local, impl):
+    """Oracle: the sort-based fused_experts. The small-batch paths with static shapes (every local
+    expert on every token; one expert per (token, k) pair, eager and compiled) give the same
+    routed output, EP slices included."""
+    from afd_compile.model.ffn_half import dense_experts, gathered_experts
 
+    fn = dense_experts if impl == "dense" else gathered_experts
+    if impl.endswith("compiled"):
+        fn = torch.compile(fn, dynamic=False, fullgraph=True)
     torch.manual_seed(0)
     x = torch.randn(6, 16)
     w13, w2 = torch.randn(num_local, 2 * 8, 16) * 0.2, torch.randn(num_local, 16, 8) * 0.2
     weights, ids = select_experts(torch.randn(6, 8), 2)
     expected = fused_experts(x, weights, ids, w13, w2, first_expert)
-    torch.testing.assert_close(dense_experts(x, weights, ids, w13, w2, first_expert), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fn(x, weights, ids, w13, w2, first_expert), expected, atol=1e-5, rtol=1e-5)

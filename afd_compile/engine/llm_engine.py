@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from afd_compile.config import EngineConfig
+from afd_compile.engine.detokenizer import detokenize_incrementally
 from afd_compile.engine.model_runner import ModelRunner
 from afd_compile.engine.sampler import Sampler
 from afd_compile.engine.sampling_params import SamplingParams
@@ -107,7 +108,9 @@ class LLMEngine:
         return seqs
 
     def _detokenize(self, seq: Sequence) -> None:
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if not detokenize_incrementally(self.tokenizer, seq) or not seq.params.stop:
+            return
+        text = seq.output_text
         for stop in seq.params.stop:
             cut = text.find(stop)
             if cut != -1:

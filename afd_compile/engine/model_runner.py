@@ -68,7 +68,7 @@ class ModelRunner:
         tokens = torch.zeros(B, 1, dtype=torch.long)
         positions = torch.zeros(B, 1, dtype=torch.long)
         slots = torch.full((B,), self.scratch, dtype=torch.long)
-        tokens[:n, 0] = torch.tensor([s.token_ids[-1] for s in seqs])
+        tokens[:n, 0] = torch.tensor([s.last_token_id for s in seqs])
         positions[:n, 0] = torch.tensor([len(s) - 1 for s in seqs])
         slots[:n] = torch.tensor([s.slot for s in seqs])
         tokens, positions, slots = tokens.to(self.device), positions.to(self.device), slots.to(self.device)

@@ -27,6 +27,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict] = field(default_factory=list)
     output_text: str = ""
+    detok_offsets: tuple[int, int] = (0, 0)  # output tokens: decoding window start, first not yet in output_text
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     slot: int | None = None  # KV cache slot while running
@@ -36,6 +37,10 @@ class Sequence:
     def __post_init__(self):
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property
     def token_ids(self) -> list[int]:

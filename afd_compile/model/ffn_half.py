@@ -15,11 +15,29 @@ from afd_compile.model.layers import RMSNorm, SwiGLU
 from moe_kernels import fused_experts, select_experts
 
 
-# On CPU, up to this many (token, local expert) rows, e.g. small decode batches, every local
-# expert runs on every token as one batched matmul with unrouted weights zero: static shapes that
-# inductor fuses, where the sort-based grouped matmul pays a Python loop per layer. GPUs take the
-# Triton grouped matmul at every size.
+# CPU decode batches avoid the sort-based grouped matmul's Python loop with static shapes:
+# compiled, up to this many (token, k) pairs each pair runs its own expert, whose weights inductor
+# reads in place (2x faster than all experts on every token at 1..128 tokens, measured on the
+# demo model; the sort path wins beyond). Eagerly, up to DENSE_MOE_MAX_ROWS (token, local expert)
+# rows run every local expert on every token as one batched matmul. GPUs take the Triton grouped
+# matmul at every size.
+GATHERED_MOE_MAX_PAIRS = 256
 DENSE_MOE_MAX_ROWS = 256
+
+
+def gathered_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
+    """x [tokens, hidden] -> sum_k weight_k * expert_k(x), one expert evaluation per (token, k).
+    Under torch.compile the weight gather fuses into the matmul loops; eagerly it would copy
+    each pair's expert weights."""
+    tokens, top_k = topk_ids.shape
+    num_local = w13.shape[0]
+    local = topk_ids - first_expert
+    keep = (local >= 0) & (local < num_local)  # other ranks' experts count zero
+    idx = local.clamp(0, num_local - 1).flatten()
+    pairs = x.unsqueeze(1).expand(tokens, top_k, x.shape[1]).reshape(tokens * top_k, x.shape[1])
+    gate, up = torch.einsum("ph,pih->pi", pairs, w13[idx]).chunk(2, dim=-1)
+    y = torch.einsum("pi,phi->ph", F.silu(gate) * up, w2[idx]).view(tokens, top_k, -1)
+    return (y * (topk_weights * keep).unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
 
 def dense_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
@@ -70,9 +88,13 @@ class MoE(nn.Module):
         if self.ep_routed is not None:
             return self.ep_routed(x)
         weights, ids = self.route(x)
-        if not x.is_cuda and x.shape[0] * self.experts.down_proj.shape[0] <= DENSE_MOE_MAX_ROWS:
-            return dense_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
-        return fused_experts(x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
+        args = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
+        if not x.is_cuda:
+            if torch.compiler.is_compiling() and ids.numel() <= GATHERED_MOE_MAX_PAIRS:
+                return gathered_experts(*args)
+            if x.shape[0] * self.experts.down_proj.shape[0] <= DENSE_MOE_MAX_ROWS:
+                return dense_experts(*args)
+        return fused_experts(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

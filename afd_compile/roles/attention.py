@@ -122,7 +122,7 @@ class AFDModelRunner:
         parts, size = self._split(len(seqs), bucketed=True)
         mbs = []
         for part in parts:
-            rows = [([seqs[i].token_ids[-1]], len(seqs[i]) - 1, seqs[i].slot) for i in part]
+            rows = [([seqs[i].last_token_id], len(seqs[i]) - 1, seqs[i].slot) for i in part]
             mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len, pack=False))
         if self.decode_graphs is not None:
             return self.decode_graphs(mbs)
