@@ -20,6 +20,7 @@ cannot validate.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def step_time(p: Profile, batch: int, micro_batches: int, afd_size: str = "1A1F"
     topo = Topology.parse(afd_size)
     x, y = topo.num_attention, topo.num_ffn
     rank_batch = batch / x
-    b = rank_batch / micro_batches  # rows per micro-batch
+    # As roles/attention.py splits: micro-batches of ceil(B / m) rows, so B < m gives fewer.
+    b = math.ceil(rank_batch / micro_batches)
+    micro_batches = math.ceil(rank_batch / b)
     peers = max(x // y, 1)  # attention ranks per FFN rank
     half_trip = at(p.round_trip, b) / 2 + delay_s
     ffn_rows = peers * b
