@@ -683,6 +683,26 @@ def test_stream_disconnect_aborts_request(mono):
     assert metric(mono, "afd:generation_tokens_total") - tokens_before == generated  # nothing more ran
 
 
+@pytest.mark.parametrize("path,prompt", [("/v1/chat/completions", {"messages": [{"role": "user", "content": ODD}]}),
+                                         ("/v1/completions", {"prompt": ODD})], ids=["chat", "completions"])
+def test_non_streaming_disconnect_aborts_request(mono, path, prompt):
+    """Oracle: two choices that would run for 500 tokens each (ignore_eos, seconds here) are
+    aborted once their non-streaming client gives up after 0.3 s: generation stops far short of
+    1000 tokens, every KV cache slot is free again and nothing runs; then the server answers the
+    seed question exactly."""
+    tokens_before = metric(mono, "afd:generation_tokens_total")
+    body = {"model": mono.model, **prompt, "max_tokens": 500, "ignore_eos": True, "temperature": 0, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        post(mono, path, body, timeout=0.3)  # the client's connection closes with it
+    wait_metric(mono, "afd:num_requests_running", 0, timeout_s=5)
+    wait_metric(mono, "afd:kv_cache_free_slots", metric(mono, "afd:kv_cache_slots"), timeout_s=5)
+    generated = metric(mono, "afd:generation_tokens_total") - tokens_before
+    assert 0 < generated < 800, generated
+    time.sleep(0.5)
+    assert metric(mono, "afd:generation_tokens_total") - tokens_before == generated  # nothing more ran
+    assert chat(mono, ODD, temperature=0).json()["choices"][0]["message"]["content"] == ODD_ANSWER
+
+
 # ---------------------------------------------------------------- 7. metrics and OpenAPI
 
 

@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -154,6 +154,25 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             for t in tasks:
                 t.cancel()
 
+    async def unless_client_gone(request: Request, work: Awaitable[list[Delta]]) -> list[Delta]:
+        """Awaits a non-streaming request's work, or cancels it once the client has closed the
+        connection: cancelled, its sequences are aborted in the engine, freeing their KV slots."""
+        task, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                raise APIError(499, "the client closed the connection before the completion finished")
+            return task.result()
+        finally:
+            task.cancel()
+            gone.cancel()
+
+    async def client_gone(request: Request) -> None:
+        # The body is read, so the next ASGI message is the disconnect. request.is_disconnected()
+        # only peeks, and behind the guard middleware (a BaseHTTPMiddleware) it never saw one.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def collect(stream: AsyncIterator[Delta]) -> Delta:
         total = Delta()
         async for d in stream:
@@ -244,7 +263,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                                             "owned_by": "afd-compile", "max_model_len": max_model_len}]}
 
     @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req)
         try:
             prompt = engine.engine.encode_chat([m.model_dump() for m in req.messages])
@@ -270,7 +289,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                     return {"id": rid, "object": "chat.completion.chunk", "created": created,
                             "model": served_model_name, "choices": [], "usage": u.model_dump()}
             return StreamingResponse(stream_chunks(streams, chunk, usage, len(prompt)), media_type="text/event-stream")
-        results = await collect_all(streams)
+        results = await unless_client_gone(request, collect_all(streams))
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
@@ -283,7 +302,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                                                    total_tokens=len(prompt) + completion).model_dump()}
 
     @app.post("/v1/completions", responses=GENERATE_RESPONSES)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req)
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
             else [req.prompt]
@@ -326,7 +345,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                             "choices": [], "usage": u.model_dump()}
             return StreamingResponse(stream_chunks([j[2] for j in jobs], chunk, usage, sum(len(e) for e in encoded)),
                                      media_type="text/event-stream")
-        results = await collect_all([j[2] for j in jobs])
+        results = await unless_client_gone(request, collect_all([j[2] for j in jobs]))
         choices = [{"index": i, "text": (echo(jobs[i][0]) if req.echo else "") + r.text,
                     "finish_reason": r.finish_reason,
                     "logprobs": text_logprobs(r) if req.logprobs is not None else None} for i, r in enumerate(results)]
