@@ -13,8 +13,8 @@ delay, and the cost model (afd_compile/planner.py) against measurement. `afd ben
   the per-micro-batch cost from m = 2), written to benchmarks/results/profile.json, and every
   measured configuration is predicted from it (in-sample where it fed the fit).
 
-Ranks are forked from this process (imports paid once) and each batch size is warmed up, which
-compiles its graphs, before it is measured.
+Ranks are spawned as fresh processes and each batch size is warmed up, which compiles its
+graphs, before it is measured.
 """
 
 from __future__ import annotations
@@ -112,7 +112,10 @@ def _deploy(args, cores, prompts, batches, m=None, delay_us=0.0, traced=False) -
     """Runs monolithic (m None) or 1A1F with m micro-batches; returns _measure's result."""
     from afd_compile.roles.rendezvous import free_port
 
-    ctx, queue = mp.get_context("fork"), mp.get_context("fork").Queue()
+    # Spawned, not forked: a process whose OpenMP pool has run (a test process, say) forks
+    # children that hang in their first parallel region (libgomp is not fork-safe).
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
     mbs = [1] if m is None else [m]
     buckets = {b for b in batches} | {math.ceil(b / k) for b in batches for k in mbs}
     if m is None:

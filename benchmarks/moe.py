@@ -133,6 +133,19 @@ def _time(fn, args, device: str, repeats: int, budget_s: float) -> float:
 
 
 def run(args) -> dict:
+    import torch.distributed as dist
+
+    had_group = dist.is_initialized()
+    try:
+        return _run(args)
+    finally:
+        # The DeepSpeed implementation needs a (one-rank) process group. None may outlive the
+        # scenario: a process forked later, e.g. a test process's AFD ranks, would inherit it and hang.
+        if not had_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args) -> dict:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise AfdError("--device cuda: no CUDA GPU here")
