@@ -21,7 +21,7 @@ import torch
 
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader
-from afd_compile.engine.model_runner import compile_options
+from afd_compile.engine.model_runner import call_warm, compile_options
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -126,8 +126,10 @@ class AFDModelRunner:
             mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len, pack=False))
         if self.decode_graphs is not None:
             return self.decode_graphs(mbs)
-        self._warm_up(size)
-        return self._pipeline(mbs, self.decode_attention, Flag.DECODE)
+        if self.config.enforce_eager:
+            return self._pipeline(mbs, self.decode_attention, Flag.DECODE)
+        self._warm_up(size)  # every layer shares this size's graph, which now exists
+        return call_warm(self._pipeline, mbs, self.decode_attention, Flag.DECODE)
 
     def _warm_up(self, rows: int) -> None:
         """Compiles the decode graph for a new micro-batch size before the step header goes out:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from afd_compile.connector.base import AFDConnector, Flag, Kind
+from afd_compile.engine.model_runner import call_warm
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer
@@ -44,6 +45,7 @@ class FFNWorker:
         # layers (weights are graph inputs), as on the attention side. Expert parallelism's
         # all-to-alls stay eager, so only a rank holding every expert compiles.
         self.decode_layer = None
+        self.warm_rows: set[int] = set()  # row counts whose decode graphs (dense and MoE) exist
         if compile_decode and world.topology.num_ffn == 1:
             import torch._dynamo
 
@@ -105,7 +107,8 @@ class FFNWorker:
         log.info("ffn rank %d: all attention peers left; exiting", self.world.rank)
 
     def _run_round(self, steps: dict[int, tuple[int, ...]], m: int, step: int, decode: bool) -> None:
-        layer_fn = self.decode_layer if decode and self.decode_layer is not None else _ffn_layer
+        compiled = decode and self.decode_layer is not None
+        seen: set[int] = set()
         for layer, ffn_half in enumerate(self.model.ffn_halves):
             for k in range(m):
                 with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
@@ -114,7 +117,15 @@ class FFNWorker:
                 x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype,
                                                                                     device=self.device)
                 with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
-                    y = layer_fn(ffn_half, x) if x.shape[0] else ffn_half(x)
+                    rows = x.shape[0]
+                    if not compiled or not rows:
+                        y = ffn_half(x)
+                    elif rows in self.warm_rows:
+                        y = call_warm(self.decode_layer, ffn_half, x)
+                    else:
+                        y = self.decode_layer(ffn_half, x)
+                        seen.add(rows)
                 with self.tracer.span("send", "ffn", layer=layer, micro_batch=k, step=step):
                     for (p, _), out in zip(parts, y.split([x.shape[0] for _, x in parts])):
                         self.connector.send_ffn_output(p, out, k)
+        self.warm_rows |= seen  # every layer kind has now compiled for these row counts
