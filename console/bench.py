@@ -1,7 +1,8 @@
 """Run `afd bench` scenarios as subprocesses and show their results from benchmarks/results/.
 
 A run is `python -m afd_compile.cli bench --scenario NAME ...` (an argument list), its output
-streamed into the page; like the CLI it writes benchmarks/results/NAME.json (serve: .png too).
+streamed into the page; like the CLI it writes benchmarks/results/NAME.json (serve, moe, afd:
+.png too).
 The tables are rebuilt from those JSON files, so results of earlier runs show without running.
 """
 
@@ -22,7 +23,7 @@ from console import validate
 from console.launcher import spawn
 from console.validate import ConsoleError
 
-SCENARIOS = ("monolithic", "connector", "serve")
+SCENARIOS = ("monolithic", "connector", "serve", "moe", "afd")
 BACKENDS = ("compiled", "eager", "transformers")
 
 
@@ -38,6 +39,12 @@ def bench_args(scenario: str, batch_sizes: str = "1,16,64", steps=32, repeats=3,
                  "--steps", str(validate.integer(steps, "Steps", 2, 10_000)),
                  "--repeats", str(validate.integer(repeats, "Repeats", 1, 100)),
                  "--backends", validate.name_list(backends, "Backends", BACKENDS)]
+    elif scenario == "afd":
+        args += ["--batch-sizes", validate.name_list(batch_sizes, "Batch sizes"),
+                 "--steps", str(validate.integer(steps, "Steps", 2, 10_000)),
+                 "--repeats", str(validate.integer(repeats, "Repeats", 1, 100))]
+    elif scenario == "moe":
+        args += ["--repeats", str(validate.integer(repeats, "Repeats", 1, 100))]
     elif scenario == "serve":
         for d in validate.name_list(deployments, "Deployments").split(","):
             validate.afd_size(d)  # monolithic or xAyF
@@ -77,6 +84,15 @@ def results_table(scenario: str, results_dir: Path = RESULTS_DIR) -> tuple[list[
                  round(r["ttft_p99"] * 1e3, 1), round((r["tpot_p50"] or 0) * 1e3, 1),
                  round((r["tpot_p99"] or 0) * 1e3, 1), r["errors"]] for d, rs in res.items() for r in rs]
         return headers, rows
+    if scenario == "moe":
+        names = [k[:-3] for k in res[0] if k.endswith("_us")] if res else []
+        return ["tokens", *(f"{n} µs" for n in names)], [[r["tokens"], *(round(r[n + "_us"], 1) for n in names)]
+                                                          for r in res]
+    if scenario == "afd":
+        ms = data["config"]["micro_batches"]
+        headers = ["batch", "monolithic tok/s", *(f"1A1F m={m} tok/s" for m in ms), "best vs monolithic"]
+        return headers, [[r["batch"], round(r["monolithic_tok_s"]), *(round(r[f"1A1F_m{m}_tok_s"]) for m in ms),
+                          f"{r['afd_vs_monolithic']:.2f}x (m={r['best_m']})"] for r in res]
     return [], []
 
 
@@ -90,7 +106,7 @@ def results_info(scenario: str, results_dir: Path = RESULTS_DIR) -> str:
 
 
 def results_image(scenario: str, results_dir: Path = RESULTS_DIR, out_dir: Path | None = None) -> str | None:
-    """The scenario's PNG: the one `afd bench` wrote (serve), else one drawn here from the JSON."""
+    """The scenario's PNG: the one `afd bench` wrote (serve, moe, afd), else one drawn here from the JSON."""
     png = Path(results_dir) / f"{scenario}.png"
     if png.exists():
         return str(png)

@@ -287,6 +287,9 @@ def test_bench_args_and_results(tmp_path):
     args = bench.bench_args("monolithic", "1, 16", 8, 1, "eager", out=tmp_path / "m.json")
     assert args == ["bench", "--scenario", "monolithic", "--batch-sizes", "1,16", "--steps", "8", "--repeats", "1",
                     "--backends", "eager", "--out", str(tmp_path / "m.json")]
+    assert bench.bench_args("moe", repeats=5) == ["bench", "--scenario", "moe", "--repeats", "5"]
+    assert bench.bench_args("afd", "8,32", 16, 2) == ["bench", "--scenario", "afd", "--batch-sizes", "8,32",
+                                                      "--steps", "16", "--repeats", "2"]
     with pytest.raises(ConsoleError, match="Backends: unknown vllm"):
         bench.bench_args("monolithic", backends="eager,vllm")
     with pytest.raises(ConsoleError, match="malformed afd_size"):
