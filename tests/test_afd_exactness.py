@@ -28,39 +28,44 @@ def monolithic_tokens(model_dir) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_reference(tiny_greedy_checkpoint):
-    return tiny_greedy_checkpoint, monolithic_tokens(tiny_greedy_checkpoint)
+def reference_tokens():
+    """model directory -> the monolithic engine's tokens (the oracle), computed once per module."""
+    cache = {}
 
+    def tokens(model_dir):
+        if model_dir not in cache:
+            cache[model_dir] = monolithic_tokens(model_dir)
+        return cache[model_dir]
 
-@pytest.mark.parametrize("afd_size,m,connector", FAST, ids=IDS(FAST))
-def test_afd_matches_monolithic_tiny(tiny_reference, afd_size, m, connector):
-    model_dir, expected = tiny_reference
-    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("afd_size,m,connector", FULL, ids=IDS(FULL))
-def test_afd_matches_monolithic_tiny_full(tiny_reference, afd_size, m, connector):
-    model_dir, expected = tiny_reference
-    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
+    return tokens
 
 
 @pytest.fixture(scope="module")
-def shipped_reference(shipped_model):
-    return shipped_model, monolithic_tokens(shipped_model)
+def tiny_reference(tiny_greedy_checkpoint, reference_tokens):
+    return tiny_greedy_checkpoint, reference_tokens(tiny_greedy_checkpoint)
 
 
-@pytest.mark.parametrize("afd_size,m,connector", [("2A2F", 2, "shm")], ids=IDS([("2A2F", 2, "shm")]))
-def test_afd_matches_monolithic_shipped(shipped_reference, afd_size, m, connector):
-    model_dir, expected = shipped_reference
-    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
+CHECKPOINTS = {"tiny": "tiny_greedy_checkpoint", "shipped": "shipped_model"}  # fixture names
+FAST_CASES = [("tiny", *c) for c in FAST] + [("shipped", "2A2F", 2, "shm")]
+FULL_CASES = [(model, *c) for model in CHECKPOINTS for c in FULL]
+CASE_IDS = lambda cases: [f"{model}-{t}-m{m}-{c}" for model, t, m, c in cases]  # noqa: E731
+
+
+def check_matches_monolithic(request, reference_tokens, model, afd_size, m, connector):
+    model_dir = request.getfixturevalue(CHECKPOINTS[model])
+    out = run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)
+    assert out["tokens"] == reference_tokens(model_dir)
+
+
+@pytest.mark.parametrize("model,afd_size,m,connector", FAST_CASES, ids=CASE_IDS(FAST_CASES))
+def test_afd_matches_monolithic(request, reference_tokens, model, afd_size, m, connector):
+    check_matches_monolithic(request, reference_tokens, model, afd_size, m, connector)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("afd_size,m,connector", FULL, ids=IDS(FULL))
-def test_afd_matches_monolithic_shipped_full(shipped_reference, afd_size, m, connector):
-    model_dir, expected = shipped_reference
-    assert run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=m, connector=connector)["tokens"] == expected
+@pytest.mark.parametrize("model,afd_size,m,connector", FULL_CASES, ids=CASE_IDS(FULL_CASES))
+def test_afd_matches_monolithic_full(request, reference_tokens, model, afd_size, m, connector):
+    check_matches_monolithic(request, reference_tokens, model, afd_size, m, connector)
 
 
 @pytest.mark.parametrize("dispatch", ["sort", "deepspeed"])
