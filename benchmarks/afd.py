@@ -150,26 +150,30 @@ def _spans(events) -> dict:
     return {k: statistics.fmean(v) for k, v in acc.items()}
 
 
+def _over_layers(spans: dict, side: str, name: str) -> float:
+    return statistics.fmean(v for (c, n, _), v in spans.items() if (c, n) == (side, name))
+
+
 def fit_profile(traced: dict, pingpong: dict, num_layers: int) -> Profile:
     """traced: {batch: m=1 run with events}; pingpong: {batch: m=2 run} for the per-micro-batch cost."""
-    rows, attn, attn_send, ffn, ffn_send, trip, rest = [], [], [], defaultdict(list), [], [], []
+    rows, attn, attn_send, ffn_send, trip, rest = [], [], [], [], [], []
+    ffn = [[] for _ in range(num_layers)]
     for b, run in sorted(traced.items()):
         s = _spans(run["events"])
-        layers = range(num_layers)
-        mean = lambda side, name: statistics.fmean(v for (c, n, _), v in s.items() if (c, n) == (side, name))  # noqa: E731
-        ta, sa, sf = mean("attention", "attention"), mean("attention", "send"), mean("ffn", "send")
-        waits = [s["attention", "wait", l] for l in layers]
-        tf = [s["ffn", "ffn", l] for l in layers]
+        ta, sa = _over_layers(s, "attention", "attention"), _over_layers(s, "attention", "send")
+        sf = _over_layers(s, "ffn", "send")
+        waits = [s["attention", "wait", l] for l in range(num_layers)]
+        tf = [s["ffn", "ffn", l] for l in range(num_layers)]
         rows.append(b)
         attn.append(ta)
         attn_send.append(sa)
         ffn_send.append(sf)
-        for l in layers:
-            ffn[l].append(tf[l])
+        for per_layer, t in zip(ffn, tf):
+            per_layer.append(t)
         trip.append(statistics.fmean(w - f - sf for w, f in zip(waits, tf)))
         rest.append(statistics.median(run["step_times"]) - num_layers * (ta + sa) - sum(waits))
     profile = Profile(num_layers=num_layers, attention=fit_line(rows, attn), attention_send=fit_line(rows, attn_send),
-                      ffn=[fit_line(rows, ffn[l]) for l in range(num_layers)], ffn_send=fit_line(rows, ffn_send),
+                      ffn=[fit_line(rows, per_layer) for per_layer in ffn], ffn_send=fit_line(rows, ffn_send),
                       round_trip=fit_line(rows, trip), step_overhead=fit_line(rows, rest), micro_batch_overhead=0.0,
                       machine=machine_info())
     extra = [statistics.median(run["step_times"]) - step_time(profile, b, 2) for b, run in pingpong.items()]

@@ -135,7 +135,7 @@ class AFDModelRunner:
         """Compiles the decode graph for a new micro-batch size before the step header goes out:
         the FFN ranks would otherwise wait through the compilation (seconds on CPU), racing the
         connector timeout. Runs on the scratch slot only."""
-        if self.config.enforce_eager or rows in self._warm:
+        if rows in self._warm:
             return
         dummy = self._micro_batch([None] * rows, 1, self.max_model_len, pack=False)
         half = self.model.attention_halves[0]

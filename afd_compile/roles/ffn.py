@@ -14,10 +14,11 @@ import logging
 import time
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 
 from afd_compile.connector.base import AFDConnector, Flag, Kind
-from afd_compile.engine.model_runner import call_warm
+from afd_compile.engine.model_runner import call_warm, compile_options
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer
@@ -47,10 +48,6 @@ class FFNWorker:
         self.decode_layer = None
         self.warm_rows: set[int] = set()  # row counts whose decode graphs (dense and MoE) exist
         if compile_decode and world.topology.num_ffn == 1:
-            import torch._dynamo
-
-            from afd_compile.engine.model_runner import compile_options
-
             kinds = len({type(half.mlp) for half in model.ffn_halves})  # dense and MoE layers: a graph each
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        kinds * len(batch_buckets) * len(self.peers) + 1)
