@@ -18,11 +18,12 @@ from afd_compile.model.decoder import DeepseekV2
 
 def compile_options(device: torch.device, cuda_graphs: bool = False) -> dict:
     """Inductor options for a decode step. CPU: the C++ wrapper launches the step's kernels
-    without a Python call per op (at decode sizes that overhead is most of the step). CUDA:
-    inductor's CUDA graph trees replay the whole step as one launch (gpt-fast's
-    "reduce-overhead"), unless the caller captures its own graphs."""
+    without a Python call per op, and matmuls with one row (batch-1 decode) become generated
+    loops fused with their neighbours instead of a BLAS call each (at decode sizes per-call
+    overhead is most of the step). CUDA: inductor's CUDA graph trees replay the whole step as
+    one launch (gpt-fast's "reduce-overhead"), unless the caller captures its own graphs."""
     if device.type == "cpu":
-        return {"cpp_wrapper": True}
+        return {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
     return {"triton.cudagraphs": cuda_graphs}
 
 

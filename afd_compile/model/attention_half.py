@@ -41,6 +41,29 @@ def softmax_scale(hf_config) -> float:
     return scale
 
 
+# Compiled on CPU, attention over the cache is written as broadcast products that inductor turns
+# into single loops reading each row's cache slot in place. As einsums they become one tiny GEMM
+# call per row (bmm) after copying every row's context out of the cache: at decode sizes that
+# call and copy overhead is most of the attention's time. Eagerly the products would materialise
+# [B, L, H, S, D], so eager (and GPU) runs keep the einsums.
+def _fuse_as_loops(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and t.device.type == "cpu"
+
+
+def attention_scores(q: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """q [B, L, H, D], ctx [B, S, D] -> q . ctx [B, H, L, S]."""
+    if _fuse_as_loops(q):
+        return (q.unsqueeze(3) * ctx[:, None, None]).sum(-1).transpose(1, 2)
+    return torch.einsum("blhd,bsd->bhls", q, ctx)
+
+
+def attention_values(probs: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """probs [B, H, L, S], ctx [B, S, C] -> probs @ ctx [B, L, H, C]."""
+    if _fuse_as_loops(probs):
+        return (probs.transpose(1, 2).unsqueeze(-1) * ctx[:, None, None]).sum(3)
+    return torch.einsum("bhls,bsc->blhc", probs, ctx)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -81,12 +104,11 @@ class MLA(nn.Module):
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("blhd,hdc->blhc", q_nope, w_uk)
-        scores = torch.einsum("blhc,bsc->bhls", q_latent, ctx_latent)
-        scores = (scores + torch.einsum("blhr,bsr->bhls", q_pe, ctx_rope)) * self.scale
+        scores = (attention_scores(q_latent, ctx_latent) + attention_scores(q_pe, ctx_rope)) * self.scale
         visible = torch.arange(inp.n_ctx, device=x.device) <= inp.positions.unsqueeze(-1)  # [B, L, S]
         scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        out_latent = torch.einsum("bhls,bsc->blhc", probs, ctx_latent)
+        out_latent = attention_values(probs, ctx_latent)
         out = torch.einsum("blhc,hvc->blhv", out_latent, w_uv)
         return self.o_proj(out.flatten(2))
 
