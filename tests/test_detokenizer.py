@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from afd_compile.engine.detokenizer import detokenize_incrementally
+from afd_compile.engine.detokenizer import IncrementalDetokenizer
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.sequence import Sequence
 from afd_compile.model.loader import load_tokenizer
@@ -39,12 +39,14 @@ def test_incremental_text_equals_whole_decode(tokenizer, request):
         rng = random.Random(0)
         samples += [[rng.randrange(len(tokenizer)) for _ in range(60)] for _ in range(5)]
     for ids in samples:
-        seq = Sequence([1], SamplingParams())
+        seq = Sequence([1], SamplingParams(), detokenizer=IncrementalDetokenizer(tokenizer))
         for i, token in enumerate(ids):
             seq.output_token_ids.append(token)
-            detokenize_incrementally(tokenizer, seq)
             whole = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
             if whole.endswith("\ufffd"):  # a character split across tokens waits until complete
                 assert whole.startswith(seq.output_text)
             else:
                 assert seq.output_text == whole
+        # Decoded on demand once at the end (an offline run) gives the same text.
+        once = Sequence([1], SamplingParams(), output_token_ids=list(ids), detokenizer=IncrementalDetokenizer(tokenizer))
+        assert once.output_text == seq.output_text

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from afd_compile.config import EngineConfig
-from afd_compile.engine.detokenizer import detokenize_incrementally
+from afd_compile.engine.detokenizer import IncrementalDetokenizer
 from afd_compile.engine.model_runner import ModelRunner
 from afd_compile.engine.sampler import Sampler
 from afd_compile.engine.sampling_params import SamplingParams
@@ -61,7 +61,7 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise AfdError(f"prompt token ids must be in [0, {vocab})")
-        seq = Sequence(ids, params or SamplingParams())
+        seq = Sequence(ids, params or SamplingParams(), detokenizer=IncrementalDetokenizer(self.tokenizer))
         if request_id is not None:
             seq.request_id = request_id
         self.requests[seq.request_id] = seq
@@ -102,15 +102,15 @@ class LLMEngine:
             self.scheduler.append_token(seq, token)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
-            self._detokenize(seq)
+            self._check_stop_strings(seq)
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
         return seqs
 
-    def _detokenize(self, seq: Sequence) -> None:
-        if not detokenize_incrementally(self.tokenizer, seq) or not seq.params.stop:
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        if not seq.params.stop or not seq.detokenizer.update(seq.output_token_ids):
             return
-        text = seq.output_text
+        text = seq.detokenizer.text
         for stop in seq.params.stop:
             cut = text.find(stop)
             if cut != -1:
@@ -119,7 +119,7 @@ class LLMEngine:
                     self.scheduler.finish(seq, "stop")
                 else:  # as in vLLM, a stop string matched on the last allowed token wins over "length"
                     seq.finish_reason = "stop"
-        seq.output_text = text
+        seq.detokenizer.text = text
 
     # ---- offline batch API
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None

@@ -42,7 +42,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             row = torch.where(seen, penalised, row)
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
         logits[i] = row
-    return logits
+    return clamp_finite(logits)
 
 
 def clamp_finite(logits: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits [len(seqs), vocab] fp32."""
-        penalised = clamp_finite(apply_penalties(logits, seqs))
+        penalised = apply_penalties(logits, seqs)
         tokens = penalised.argmax(-1)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:

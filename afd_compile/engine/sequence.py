@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from afd_compile.engine.detokenizer import IncrementalDetokenizer
 from afd_compile.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -26,8 +27,7 @@ class Sequence:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict] = field(default_factory=list)
-    output_text: str = ""
-    detok_offsets: tuple[int, int] = (0, 0)  # output tokens: decoding window start, first not yet in output_text
+    detokenizer: IncrementalDetokenizer | None = None  # set by the engine that runs the request
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     slot: int | None = None  # KV cache slot while running
@@ -41,6 +41,14 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def output_text(self) -> str:
+        """The output decoded so far (decoded now, incrementally); "" without a detokenizer."""
+        if self.detokenizer is None:
+            return ""
+        self.detokenizer.update(self.output_token_ids)
+        return self.detokenizer.text
 
     @property
     def token_ids(self) -> list[int]:
