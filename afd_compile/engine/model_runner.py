@@ -50,6 +50,10 @@ class ModelRunner:
             self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True,
                                            options=compile_options(self.device, cuda_graphs=True))
         self._compiled: set[int] = set()  # decode buckets compiled so far
+        # Per bucket, decode inputs that every step rewrites in place (vLLM's persistent input
+        # buffers): a compiled call given the same tensors each time costs ~30 us less on CPU
+        # than one given freshly allocated ones. Rows: token, position, cache slot.
+        self._decode_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:
@@ -74,15 +78,20 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token per running sequence; logits [len(seqs), vocab]."""
         n, B = len(seqs), self.config.bucket(len(seqs))
-        tokens = torch.zeros(B, 1, dtype=torch.long)
-        positions = torch.zeros(B, 1, dtype=torch.long)
-        slots = torch.full((B,), self.scratch, dtype=torch.long)
-        tokens[:n, 0] = torch.tensor([s.last_token_id for s in seqs])
-        positions[:n, 0] = torch.tensor([len(s) - 1 for s in seqs])
-        slots[:n] = torch.tensor([s.slot for s in seqs])
-        tokens, positions, slots = tokens.to(self.device), positions.to(self.device), slots.to(self.device)
-        args = (tokens, positions, slots.unsqueeze(1), slots, torch.zeros(B, dtype=torch.long, device=self.device),
-                self.max_model_len)
+        if B not in self._decode_inputs:
+            host = torch.zeros(3, B, dtype=torch.long)
+            rows = host.to(self.device)
+            self._decode_inputs[B] = host, rows, (rows[0].view(B, 1), rows[1].view(B, 1), rows[2].view(B, 1), rows[2],
+                                                  torch.zeros(B, dtype=torch.long, device=self.device))
+        host, rows, inputs = self._decode_inputs[B]
+        staged = host.numpy()  # plain stores, no torch op per field
+        staged[0, :n] = [s.last_token_id for s in seqs]
+        staged[1, :n] = [len(s) - 1 for s in seqs]
+        staged[2, :n] = [s.slot for s in seqs]
+        staged[:, n:] = ((0,), (0,), (self.scratch,))  # padding rows: the scratch slot
+        if rows is not host:
+            rows.copy_(host)
+        args = (*inputs, self.max_model_len)
         if self.config.enforce_eager or B not in self._compiled:
             logits = self.decode_fn(*args)
             self._compiled.add(B)
