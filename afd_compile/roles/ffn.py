@@ -111,8 +111,11 @@ class FFNWorker:
                 with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
                     parts = [(p, self.connector.recv_attn_output(p, t[k], k))
                              for p, t in steps.items() if k < len(t) and t[k] > 0]
-                x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype,
-                                                                                    device=self.device)
+                if len(parts) == 1:
+                    x = parts[0][1]
+                else:
+                    x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype,
+                                                                                        device=self.device)
                 with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
                     rows = x.shape[0]
                     if not compiled or not rows:
