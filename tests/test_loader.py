@@ -315,19 +315,18 @@ def test_missing_tokenizer(tiny_greedy_checkpoint, tmp_path):
     _expect(r"has no tokenizer", load_tokenizer, d)
 
 
-def test_pickle_weights_are_refused(tiny_greedy_checkpoint, tmp_path):
-    """Oracle: the error contract: only pytorch_model.bin present -> refused, pointing at safetensors;
-    the pickle is never unpickled."""
-    d = copy_without_weights(tiny_greedy_checkpoint, tmp_path / "bin")
-    (d / "pytorch_model.bin").write_bytes(b"not even a pickle: must not be opened")
-    msg = _expect(r"safetensors", load_model, d)
-    assert "pytorch_model.bin" in msg
-
-
-def test_no_weights_at_all(tiny_greedy_checkpoint, tmp_path):
-    """Oracle: the error contract."""
-    d = copy_without_weights(tiny_greedy_checkpoint, tmp_path / "empty")
-    _expect(r"no \*\.safetensors weights", load_model, d)
+@pytest.mark.parametrize("present,match", [
+    ("pytorch_model.bin", r"only pickle weights \(pytorch_model\.bin\); afd-compile loads safetensors only"),
+    ("model.pt", r"only pickle weights \(model\.pt\)"),
+    (None, r"no \*\.safetensors weights"),
+], ids=["bin", "pt", "none"])
+def test_checkpoint_without_safetensors(tiny_greedy_checkpoint, tmp_path, present, match):
+    """Oracle: the error contract: pickle weights are refused, pointing at safetensors, and never
+    unpickled (the file is not even a pickle); a directory with no weights at all says so."""
+    d = copy_without_weights(tiny_greedy_checkpoint, tmp_path / "w")
+    if present:
+        (d / present).write_bytes(b"not even a pickle: must not be opened")
+    _expect(match, load_model, d)
 
 
 @pytest.mark.parametrize("damage,match", [
