@@ -185,7 +185,8 @@ def cmd_ffn(args) -> None:
 
 def _restart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=3,
-                   help="ranks started here: how often a failed one is started again (as torchrun's; default 3)")
+                   help="ranks started here: how often in a row a failed one is started again (as torchrun's; "
+                        "default 3); a rank that ran 10 minutes before failing starts a fresh count")
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,22 @@ def test_launcher_restarts_a_failed_rank_then_gives_up(monkeypatch):
     with pytest.raises(AfdError, match=r"ffn 0 exited with code 1: afd ffn needs --afd-size.*after 2 restart"):
         sup.wait()
     assert child.restarts == 2
+
+
+def test_launcher_restart_count_resets_after_a_long_run(monkeypatch, tmp_path):
+    """Oracle: a rank that fails only after running RESTART_RESET_S each time is restarted past
+    max_restarts (its failures are not in a row), and its backoff starts over."""
+    monkeypatch.setattr(launcher, "RESTART_BACKOFF_S", (0.05, 0.1))
+    monkeypatch.setattr(launcher, "RESTART_RESET_S", 0.2)
+    runs = tmp_path / "runs"
+    script = (f"import pathlib, time; p = pathlib.Path({str(runs)!r}); p.write_text(p.read_text() + 'x' "
+              f"if p.exists() else 'x'); time.sleep(0.3); raise SystemExit(0 if len(p.read_text()) == 4 else 1)")
+    sup = launcher.Supervisor({}, relay_logs=False, max_restarts=1)
+    child = launcher.Child("ffn 0", [sys.executable, "-c", script])
+    sup._spawn(child)
+    sup.children.append(child)
+    sup.wait()  # three failures, each after a long enough run, then success
+    assert runs.read_text() == "xxxx" and child.restarts == 1
 
 
 PROMPT = [1, 5, 8, 6]

@@ -2,9 +2,11 @@
 
 Children get argument lists (never shell strings) and their own MASTER_ADDR/MASTER_PORT.
 Their output is relayed line by line with a `[role rank]` prefix. A child that fails is
-started again, after a backoff, up to `max_restarts` times (as torchrun's --max-restarts);
-the surviving ranks wait for it in the rendezvous. Past that, the others are stopped and the
-failure is reported with the child's last log lines.
+started again, after a backoff, up to `max_restarts` times in a row (as torchrun's
+--max-restarts); the surviving ranks wait for it in the rendezvous. Past that, the others are
+stopped and the failure is reported with the child's last log lines. A child that ran for
+RESTART_RESET_S before failing starts a fresh count, so a long-lived server survives occasional
+failures spread over its lifetime (as Kubernetes resets its crash-loop backoff).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from afd_compile.errors import AfdError
 log = logging.getLogger("afd.launcher")
 
 RESTART_BACKOFF_S = (1.0, 30.0)  # wait before the first restart of a child, doubling up to the max
+RESTART_RESET_S = 600.0  # a child that ran this long before failing has its restart count and backoff reset
 
 
 @dataclass
@@ -35,8 +38,9 @@ class Child:
     tail: deque = field(default_factory=lambda: deque(maxlen=20))
     stdout_lines: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
-    restarts: int = 0
+    restarts: int = 0  # in a row: since it last ran RESTART_RESET_S
     restart_at: float | None = None  # failed: when it is started again
+    started_at: float = 0.0
 
 
 class Supervisor:
@@ -46,7 +50,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.relay_logs = relay_logs
         self.capture_stdout = capture_stdout  # children whose stdout is data, not log
-        self.max_restarts = max_restarts  # per child; 0 (a batch job): one failure stops everyone
+        self.max_restarts = max_restarts  # per child, in a row; 0 (a batch job): one failure stops everyone
 
     def start(self, name: str, args: list[str]) -> Child:
         child = Child(name, [sys.executable, "-m", "afd_compile.cli", *args])
@@ -57,6 +61,7 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, bufsize=1, preexec_fn=die_with_parent)
+        child.started_at = time.monotonic()
         is_data = child.name in self.capture_stdout
         child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
                        threading.Thread(target=self._pump, args=(child, child.proc.stdout, is_data), daemon=True)]
@@ -96,6 +101,8 @@ class Supervisor:
             return
         if child.restart_at is None:
             reason = _failure(child, rc)
+            if time.monotonic() - child.started_at >= RESTART_RESET_S:
+                child.restarts = 0  # it ran well for a while: earlier failures no longer count
             if child.restarts >= self.max_restarts:
                 self.stop()
                 raise AfdError(reason + (f" (after {child.restarts} restart(s))" if child.restarts else ""))
