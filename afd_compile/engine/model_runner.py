@@ -52,8 +52,9 @@ class ModelRunner:
         self._compiled: set[int] = set()  # decode buckets compiled so far
         # Per bucket, decode inputs that every step rewrites in place (vLLM's persistent input
         # buffers): a compiled call given the same tensors each time costs ~30 us less on CPU
-        # than one given freshly allocated ones. Rows: token, position, cache slot.
-        self._decode_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        # than one given freshly allocated ones. Per bucket: the host rows (token, position, cache
+        # slot), their device copy (the same tensor on CPU), and the model's inputs viewing it.
+        self._decode_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:

@@ -25,6 +25,7 @@ class SampleOutput:
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits with each row's penalties applied, made finite; the input itself when no row has any."""
     rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
             or s.params.presence_penalty or s.params.frequency_penalty]
     if not rows:
