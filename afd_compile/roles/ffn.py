@@ -111,11 +111,12 @@ class FFNWorker:
                 with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
                     parts = [(p, self.connector.recv_attn_output(p, t[k], k))
                              for p, t in steps.items() if k < len(t) and t[k] > 0]
-                if len(parts) == 1:
+                if not parts:
+                    x = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+                elif len(parts) == 1:  # one peer's micro-batch is used as received
                     x = parts[0][1]
                 else:
-                    x = torch.cat([x for _, x in parts]) if parts else torch.empty(0, self.hidden, dtype=self.dtype,
-                                                                                        device=self.device)
+                    x = torch.cat([x for _, x in parts])
                 with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
                     rows = x.shape[0]
                     if not compiled or not rows:
