@@ -6,6 +6,10 @@ A batch is cut into micro-batches that flow through the layers staggered (MegaSc
 ping-pong): while the FFN ranks compute micro-batch k of layer l, this rank computes the
 attention of micro-batch k+1, and it waits for micro-batch k's FFN output only when layer
 l+1 needs it.
+
+A decode step (all layers, micro-batches and transfers) is one torch.compile'd graph on CPU,
+the transfers being ops (connector/ops.py); on CUDA it is captured as one CUDA graph
+(cuda_graph.py). Prefill shapes vary with every prompt: eager.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader
+from afd_compile.connector.ops import Endpoint
 from afd_compile.engine.model_runner import call_warm, compile_options
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
@@ -37,8 +42,11 @@ def _attention_layer(half: AttentionHalf, h: torch.Tensor, inp: AttentionInputs)
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [b, L]
-    inp: AttentionInputs
+    positions: torch.Tensor  # [b, L]
+    write_slots: torch.Tensor  # [b, L]
+    read_slots: torch.Tensor  # [b]
     last_idx: torch.Tensor  # [b]
+    n_ctx: int
     rows: int  # real (unpadded) rows
     sent: torch.Tensor | None  # flat indices of the tokens sent to the FFN; None = all (decode)
 
@@ -53,103 +61,144 @@ class AFDModelRunner:
         if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
             raise AfdError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
         self.model, self.config, self.max_model_len = model, config, max_model_len
-        self.connector, self.micro_batches = connector, micro_batches
+        self.micro_batches = micro_batches
         self.tracer = tracer or Tracer("attention", 0)
+        self.endpoint = Endpoint(connector, self.tracer, "attention")
         model.setup_caches(config.max_num_seqs, max_model_len)
         self.scratch = model.scratch_slot
         self.device = model.embed_tokens.weight.device
-        # One graph per micro-batch bucket, shared by all layers: the layer's weights are
-        # graph inputs (dynamo inlines nn.Modules), not constants baked into 60 graphs.
-        self.decode_attention = _attention_layer if config.enforce_eager else torch.compile(
-            _attention_layer, dynamic=False, fullgraph=True, options=compile_options(self.device))
-        self.decode_graphs = None
-        self._warm: set[int] = set()
-        if self.device.type == "cuda" and not config.enforce_eager:
+        self.decode_step = self.decode_graphs = None
+        if config.enforce_eager:
+            pass
+        elif self.device.type == "cuda":
             from afd_compile.roles.cuda_graph import DecodeGraphs
 
+            # One attention graph per micro-batch bucket, shared by all layers (their weights are
+            # graph inputs), inside a CUDA graph of the whole step.
+            self.decode_attention = torch.compile(_attention_layer, dynamic=False, fullgraph=True,
+                                                  options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
+        else:
+            # One graph per decode shape: micro-batch count (1..micro_batches) x bucket.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       len(config.batch_buckets) * micro_batches + 1)
+            self.decode_step = torch.compile(self._layers, dynamic=False, fullgraph=True,
+                                             options=compile_options(self.device))
+        # Per (micro-batch count, bucket): the host rows (token, position, cache slot) of every
+        # micro-batch, rewritten in place each step, and the micro-batches viewing their device
+        # copy; a compiled call given the same tensors each time skips re-checking them.
+        self._decode_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[MicroBatch]]] = {}
+        self._compiled: set[tuple[int, int]] = set()
         self.steps = itertools.count()
-        self.wait_observer = None  # (layer, seconds) of each wait for FFN output, e.g. for /metrics
         self.world = world  # rendezvous store and topology, for collecting the FFN ranks' timelines
         self.always_trace = self.tracer.enabled  # started with --trace: record every step
         self.trace_remaining = 0  # steps still to record for record_trace()
 
+    @property
+    def connector(self) -> AFDConnector:
+        return self.endpoint.connector
+
+    @property
+    def wait_observer(self):
+        return self.endpoint.wait_observer
+
+    @wait_observer.setter
+    def wait_observer(self, fn) -> None:
+        """(layer, seconds) of each wait for FFN output, e.g. for /metrics."""
+        self.endpoint.wait_observer = fn
+
     # ---- building micro-batches
-    def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int, pack: bool) -> MicroBatch:
-        """rows: (token ids, first position, slot) per sequence, padded to `width` tokens and,
-        for decode, to the row bucket; padding goes to the scratch slot. `pack`: only real
-        tokens travel to the FFN (prefill); decode sends the whole static bucket."""
+    def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int) -> MicroBatch:
+        """A prefill micro-batch: rows (token ids, first position, slot) per sequence, padded to
+        `width` tokens (padding to the scratch slot); only real tokens travel to the FFN."""
         b = len(rows)
         # Filled as numpy arrays: a torch op per row costs microseconds, tens per row per step.
         tokens = np.zeros((b, width), dtype=np.int64)
         positions = np.zeros((b, width), dtype=np.int64)
         write_slots = np.full((b, width), self.scratch, dtype=np.int64)
-        read_slots = np.full(b, self.scratch, dtype=np.int64)
-        last_idx = np.zeros(b, dtype=np.int64)
-        real = 0
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            ids, start, slot = row
+        read_slots, last_idx = np.zeros(b, dtype=np.int64), np.zeros(b, dtype=np.int64)
+        for i, (ids, start, slot) in enumerate(rows):
             n = len(ids)
             tokens[i, :n] = ids
             positions[i, :n] = range(start, start + n)
             write_slots[i, :n], read_slots[i], last_idx[i] = slot, slot, n - 1
-            real += 1
-        sent = torch.from_numpy(np.flatnonzero(write_slots != self.scratch)) if pack else None
-        tokens, positions, write_slots, read_slots, last_idx = (
-            torch.from_numpy(t).to(self.device) for t in (tokens, positions, write_slots, read_slots, last_idx))
-        inp = self.model.attention_inputs(positions, write_slots, read_slots, n_ctx)
-        return MicroBatch(tokens, inp, last_idx, real, None if sent is None else sent.to(self.device))
+        sent = torch.from_numpy(np.flatnonzero(write_slots != self.scratch))
+        tensors = (torch.from_numpy(t).to(self.device) for t in (tokens, positions, write_slots, read_slots, last_idx))
+        return MicroBatch(*tensors, n_ctx=n_ctx, rows=b, sent=sent.to(self.device))
 
-    def _split(self, n: int, bucketed: bool) -> tuple[list[range], int]:
-        size = math.ceil(n / self.micro_batches)
-        if bucketed:
-            size = self.config.bucket(size)
-        return [range(i, min(i + size, n)) for i in range(0, n, size)], size
+    def _decode_batch(self, seqs: list[Sequence]) -> list[MicroBatch]:
+        """The step's micro-batches, each padded to one bucket (padding rows on the scratch slot)."""
+        size = self.config.bucket(math.ceil(len(seqs) / self.micro_batches))
+        m = math.ceil(len(seqs) / size)
+        if (m, size) not in self._decode_inputs:
+            host = torch.zeros(m, 3, size, dtype=torch.long)
+            dev = host.to(self.device)
+            zeros = torch.zeros(size, dtype=torch.long, device=self.device)
+            mbs = [MicroBatch(r[0].view(size, 1), r[1].view(size, 1), r[2].view(size, 1), r[2], zeros,
+                              n_ctx=self.max_model_len, rows=0, sent=None) for r in dev]
+            self._decode_inputs[m, size] = host, dev, mbs
+        host, dev, mbs = self._decode_inputs[m, size]
+        staged = host.numpy()  # plain stores, no torch op per field
+        staged[:, 2] = self.scratch
+        staged[:, :2] = 0
+        for k, mb in enumerate(mbs):
+            part = seqs[k * size : (k + 1) * size]
+            n = mb.rows = len(part)
+            staged[k, 0, :n] = [s.last_token_id for s in part]
+            staged[k, 1, :n] = [len(s) - 1 for s in part]
+            staged[k, 2, :n] = [s.slot for s in part]
+        if dev is not host:
+            dev.copy_(host)
+        return mbs
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], chunk_lens: list[int]) -> torch.Tensor:
-        parts, _ = self._split(len(seqs), bucketed=False)
+        size = math.ceil(len(seqs) / self.micro_batches)
         mbs = []
-        for part in parts:
+        for part in (range(i, min(i + size, len(seqs))) for i in range(0, len(seqs), size)):
             rows = [(seqs[i].prompt_token_ids[seqs[i].num_computed : seqs[i].num_computed + chunk_lens[i]],
                      seqs[i].num_computed, seqs[i].slot) for i in part]
             n_ctx = max(seqs[i].num_computed + chunk_lens[i] for i in part)
-            mbs.append(self._micro_batch(rows, max(chunk_lens[i] for i in part), n_ctx, pack=True))
-        return self._pipeline(mbs, _attention_layer)  # prefill shapes vary: eager
+            mbs.append(self._micro_batch(rows, max(chunk_lens[i] for i in part), n_ctx))
+        return self._pipeline(mbs, self._layers, _attention_layer)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        parts, size = self._split(len(seqs), bucketed=True)
-        mbs = []
-        for part in parts:
-            rows = [([seqs[i].last_token_id], len(seqs[i]) - 1, seqs[i].slot) for i in part]
-            mbs.append(self._micro_batch(rows + [None] * (size - len(rows)), 1, self.max_model_len, pack=False))
+        mbs = self._decode_batch(seqs)
         if self.decode_graphs is not None:
             return self.decode_graphs(mbs)
-        if self.config.enforce_eager:
-            return self._pipeline(mbs, self.decode_attention, Flag.DECODE)
-        self._warm_up(size)  # every layer shares this size's graph, which now exists
-        return call_warm(self._pipeline, mbs, self.decode_attention, Flag.DECODE)
+        if self.decode_step is None:
+            return self._pipeline(mbs, self._layers, _attention_layer, Flag.DECODE)
+        key = (len(mbs), mbs[0].tokens.shape[0])
+        if key not in self._compiled:
+            self._warm_up(mbs)
+            self._compiled.add(key)
+        return self._pipeline(mbs, lambda *a: call_warm(self.decode_step, *a), _attention_layer, Flag.DECODE)
 
-    def _warm_up(self, rows: int) -> None:
-        """Compiles the decode graph for a new micro-batch size before the step header goes out:
-        the FFN ranks would otherwise wait through the compilation (seconds on CPU), racing the
-        connector timeout. Runs on the scratch slot only."""
-        if rows in self._warm:
-            return
-        dummy = self._micro_batch([None] * rows, 1, self.max_model_len, pack=False)
-        half = self.model.attention_halves[0]
-        self.decode_attention(half, self.model.embed_tokens(dummy.tokens), dummy.inp)
-        self._warm.add(rows)
+    def _warm_up(self, mbs: list[MicroBatch]) -> None:
+        """Compiles the step for these shapes before the step header goes out, on loopback links
+        and the scratch slot only: the FFN ranks would otherwise wait through the compilation
+        (tens of seconds on CPU), racing the connector timeout."""
+        saved = [mb.write_slots.clone() for mb in mbs]
+        for mb in mbs:
+            mb.write_slots.fill_(self.scratch)  # read_slots views the same row
+        with self.endpoint.loopback(self.model.cfg.hidden_size, self.model.embed_tokens.weight.dtype, self.device):
+            self.decode_step(mbs, _attention_layer)
+        for mb, slots in zip(mbs, saved):
+            mb.write_slots.copy_(slots)
 
     # ---- the ping-pong pipeline
-    def _pipeline(self, mbs: list[MicroBatch], attention, flags: Flag = Flag(0)) -> torch.Tensor:
+    def _pipeline(self, mbs: list[MicroBatch], layers, attention, flags: Flag = Flag(0)) -> torch.Tensor:
         step = next(self.steps)
         self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs),
                                             self._step_flags() | flags))
-        logits = self._layers(mbs, attention, step)
+        self.endpoint.start(step)
+        try:
+            logits = layers(mbs, attention)
+        except Exception:
+            self.endpoint.raise_error()  # a transfer failed inside the graph: its own error
+            raise
+        self.connector.flush()
         self._step_traced()
         return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()
 
@@ -183,38 +232,30 @@ class AFDModelRunner:
             self.tracer.events.clear()
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
-    def _layers(self, mbs: list[MicroBatch], attention, step: int) -> list[torch.Tensor]:
-        """Every layer for every micro-batch, staggered; per micro-batch logits [b, vocab].
-        Host-side sync free, so on CUDA it can be captured in a graph (see cuda_graph.py)."""
-        model, trace = self.model, self.tracer
+    def _layers(self, mbs: list[MicroBatch], attention) -> list[torch.Tensor]:
+        """Every layer for every micro-batch, staggered; per micro-batch logits [b, vocab]. Free of
+        host syncs and Python side effects, so it compiles into one graph (CPU) or is captured
+        in one CUDA graph: the transfers are ops, each taking the previous one's result (`link`)
+        so they keep this order."""
+        model, ep = self.model, self.endpoint.id
+        inps = [model.attention_inputs(mb.positions, mb.write_slots, mb.read_slots, mb.n_ctx) for mb in mbs]
         hs = [model.embed_tokens(mb.tokens) for mb in mbs]
+        sent: list[torch.Tensor] = [hs[0]] * len(mbs)  # what each micro-batch last sent to the FFN
+        link = hs[0].new_empty(0)
         for layer, half in enumerate(model.attention_halves):
             for k, mb in enumerate(mbs):
                 if layer > 0:
-                    with trace.span("wait", "attention", layer=layer - 1, micro_batch=k, step=step):
-                        hs[k] = self._receive(hs[k], mb, k, layer - 1)
-                with trace.span("attention", "attention", layer=layer, micro_batch=k, step=step):
-                    hs[k] = attention(half, hs[k], mb.inp)
-                with trace.span("send", "attention", layer=layer, micro_batch=k, step=step):
-                    flat = hs[k].flatten(0, 1)
-                    self.connector.send_attn_output(flat if mb.sent is None else flat[mb.sent], k)
+                    link = torch.ops.afd.recv_ffn_output(sent[k], link, ep, layer - 1, k)
+                    hs[k] = _unpack(link, hs[k], mb)
+                hs[k] = attention(half, hs[k], inps[k])
+                flat = hs[k].flatten(0, 1)
+                sent[k] = flat if mb.sent is None else flat[mb.sent]
+                link = torch.ops.afd.send_attn_output(sent[k], link, ep, layer, k)
         logits = []
         for k, mb in enumerate(mbs):
-            with trace.span("wait", "attention", layer=len(model.attention_halves) - 1, micro_batch=k, step=step):
-                h = self._receive(hs[k], mb, k, len(model.attention_halves) - 1)
-            logits.append(model.logits(h, mb.last_idx))
-        self.connector.flush()
+            link = torch.ops.afd.recv_ffn_output(sent[k], link, ep, len(model.attention_halves) - 1, k)
+            logits.append(model.logits(_unpack(link, hs[k], mb), mb.last_idx))
         return logits
-
-    def _receive(self, h: torch.Tensor, mb: MicroBatch, k: int, layer: int) -> torch.Tensor:
-        """The FFN output of micro-batch k in h's [b, L, hidden] layout (padding rows keep h's)."""
-        start = time.perf_counter()
-        out = self.connector.recv_ffn_output(k)
-        if self.wait_observer is not None:
-            self.wait_observer(layer, time.perf_counter() - start)
-        if mb.sent is None:
-            return out.view_as(h)
-        return h.flatten(0, 1).index_copy(0, mb.sent, out).view_as(h)
 
     # ---- between steps
     def idle(self) -> None:
@@ -225,7 +266,7 @@ class AFDModelRunner:
     def reconnect(self, connector: AFDConnector, world) -> None:
         """Continues on a new generation's links after the old ones broke. The KV cache stays;
         the requests that were mid-step when the links broke are the server's to fail."""
-        self.connector, self.world = connector, world
+        self.endpoint.connector, self.world = connector, world
         self.trace_remaining, self.tracer.enabled = 0, self.always_trace
         if self.decode_graphs is not None:  # captured graphs replay transfers on the old links
             from afd_compile.roles.cuda_graph import DecodeGraphs
@@ -239,3 +280,11 @@ class AFDModelRunner:
             self.connector.flush()
         finally:
             self.connector.close()
+            self.endpoint.close()
+
+
+def _unpack(out: torch.Tensor, h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """A received FFN output in h's [b, L, hidden] layout (padding tokens, not sent, keep h's)."""
+    if mb.sent is None:
+        return out.view_as(h)
+    return h.flatten(0, 1).index_copy(0, mb.sent, out).view_as(h)

@@ -17,7 +17,8 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 
-from afd_compile.connector.base import AFDConnector, Flag, Kind
+from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind
+from afd_compile.connector.ops import Endpoint
 from afd_compile.engine.model_runner import call_warm, compile_options
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.roles.rendezvous import World
@@ -28,30 +29,27 @@ log = logging.getLogger("afd.ffn")
 IDLE_BACKOFF_S = (0.0005, 0.02)  # an all-idle round waits this long, doubling up to the max
 
 
-def _ffn_layer(half, x: torch.Tensor) -> torch.Tensor:
-    return half(x)
-
-
 class FFNWorker:
     def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None,
                  compile_decode: bool = False, batch_buckets: tuple[int, ...] = ()):
         self.model, self.world, self.connector = model, world, connector
         self.peers = list(range(len(world.topology.attention_peers(world.rank))))
         self.tracer = tracer or Tracer(f"ffn {world.rank}", world.global_rank)
+        self.endpoint = Endpoint(connector, self.tracer, "ffn")
         self.hidden = model.cfg.hidden_size
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.always_trace = self.tracer.enabled  # started with --trace: record every round
-        # Decode rounds have bucketed row counts: one compiled graph per count, shared by all
-        # layers (weights are graph inputs), as on the attention side. Expert parallelism's
-        # all-to-alls stay eager, so only a rank holding every expert compiles.
-        self.decode_layer = None
-        self.warm_rows: set[int] = set()  # row counts whose decode graphs (dense and MoE) exist
+        # A decode round (every layer and micro-batch, with the transfers as ops) is one compiled
+        # graph per tuple of micro-batch row counts, as on the attention side. Expert
+        # parallelism's all-to-alls stay eager, so only a rank holding every expert compiles.
+        self.decode_round = None
+        self._compiled: set[tuple[int, ...]] = set()
+        self._first_link = torch.empty(0, dtype=self.dtype, device=self.device)
         if compile_decode and world.topology.num_ffn == 1:
-            kinds = len({type(half.mlp) for half in model.ffn_halves})  # dense and MoE layers: a graph each
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       kinds * len(batch_buckets) * len(self.peers) + 1)
-            self.decode_layer = torch.compile(_ffn_layer, dynamic=False, fullgraph=True,
+                                                       len(batch_buckets) * len(self.peers) * MAX_MICRO_BATCHES + 1)
+            self.decode_round = torch.compile(self._round, dynamic=False, fullgraph=True,
                                               options=compile_options(self.device))
 
     def _agree(self, m: int, trace: int, dump: int) -> tuple[int, int, int]:
@@ -71,6 +69,12 @@ class FFNWorker:
 
     @torch.inference_mode()
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.endpoint.close()
+
+    def _serve(self) -> None:
         active = set(self.peers)
         idle_wait = IDLE_BACKOFF_S[0]
         log.info("ffn rank %d ready: serves attention ranks %s", self.world.rank,
@@ -104,29 +108,43 @@ class FFNWorker:
         log.info("ffn rank %d: all attention peers left; exiting", self.world.rank)
 
     def _run_round(self, steps: dict[int, tuple[int, ...]], m: int, step: int, decode: bool) -> None:
-        compiled = decode and self.decode_layer is not None
-        seen: set[int] = set()
+        # Micro-batch k is the concatenation of every busy peer's k-th micro-batch.
+        plan = [[(p, t[k]) for p, t in steps.items() if k < len(t) and t[k] > 0] for k in range(m)]
+        rows = tuple(sum(n for _, n in parts) for parts in plan)
+        if not (decode and self.decode_round is not None):
+            self.endpoint.start(step, plan)
+            self._call(self._round, rows)
+            return
+        if rows not in self._compiled:
+            # Compiled on loopback links first, so its transfers cannot time out mid-compilation.
+            self.endpoint.start(step, [[(0, n)] for n in rows])
+            with self.endpoint.loopback(self.hidden, self.dtype, self.device):
+                self.decode_round(rows, self._first_link)
+            self._compiled.add(rows)
+        self.endpoint.start(step, plan)
+        self._call(lambda *a: call_warm(self.decode_round, *a), rows)
+
+    def _call(self, round_fn, rows: tuple[int, ...]) -> None:
+        try:
+            round_fn(rows, self._first_link)
+        except Exception:
+            self.endpoint.raise_error()  # a transfer failed inside the graph: its own error
+            raise
+
+    def _round(self, rows: tuple[int, ...], link: torch.Tensor) -> torch.Tensor:
+        """Every layer for every micro-batch (rows[k] tokens each) in the attention side's
+        ping-pong order. Free of Python side effects, so it compiles into one graph: the transfers
+        are ops, each taking the previous one's result (`link`) so they keep this order. The
+        first link is an argument, not made here: call_warm tells compiled rounds apart by
+        their tensor arguments, and refuses a graph whose only tensors are module weights."""
+        ep = self.endpoint.id
         for layer, ffn_half in enumerate(self.model.ffn_halves):
-            for k in range(m):
-                with self.tracer.span("wait", "ffn", layer=layer, micro_batch=k, step=step):
-                    parts = [(p, self.connector.recv_attn_output(p, t[k], k))
-                             for p, t in steps.items() if k < len(t) and t[k] > 0]
-                if not parts:
+            for k, n in enumerate(rows):
+                if n:
+                    link = x = torch.ops.afd.recv_attn_output(link, ep, n, self.hidden, layer, k)
+                else:  # no peer sent micro-batch k; with expert parallelism this rank still joins its all-to-alls
                     x = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
-                elif len(parts) == 1:  # one peer's micro-batch is used as received
-                    x = parts[0][1]
-                else:
-                    x = torch.cat([x for _, x in parts])
-                with self.tracer.span("ffn", "ffn", layer=layer, micro_batch=k, step=step, tokens=x.shape[0]):
-                    rows = x.shape[0]
-                    if not compiled or not rows:
-                        y = ffn_half(x)
-                    elif rows in self.warm_rows:
-                        y = call_warm(self.decode_layer, ffn_half, x)
-                    else:
-                        y = self.decode_layer(ffn_half, x)
-                        seen.add(rows)
-                with self.tracer.span("send", "ffn", layer=layer, micro_batch=k, step=step):
-                    for (p, _), out in zip(parts, y.split([x.shape[0] for _, x in parts])):
-                        self.connector.send_ffn_output(p, out, k)
-        self.warm_rows |= seen  # every layer kind has now compiled for these row counts
+                y = ffn_half(x)
+                if n:
+                    link = torch.ops.afd.send_ffn_output(y, link, ep, layer, k)
+        return link
