@@ -4,17 +4,18 @@ delay, and the cost model (afd_compile/planner.py) against measurement. `afd ben
 - Equal cores: the monolithic engine runs on two cores (two torch threads); 1A1F runs its
   attention rank on one core and its FFN rank on the other (os.sched_setaffinity, one thread
   each). Decode tokens/s at each batch size for micro-batch counts m; same prompts, greedy,
-  EOS ignored, the fastest of `repeats` runs (see monolithic.py for the method).
+  EOS ignored, the fastest of `repeats` rounds (see monolithic.py for the method).
 - Overlap: the same 1A1F with `--connector-delay-us d` on every hidden-state message. Overlap
-  efficiency = step time without the delay / step time with it: 1.0 when ping-pong hides the
-  link entirely. MegaScale-Infer's condition for that is m >= 2 (1 + Tc / Tf), Tc the one-way
+  efficiency = step time without the delay / step time with it (medians, the two measured
+  interleaved): 1.0 when ping-pong hides the link entirely. MegaScale-Infer's condition for that is m >= 2 (1 + Tc / Tf), Tc the one-way
   delay and Tf the FFN time of one micro-batch; both are in the JSON.
 - Cost model: a profile is fitted from the timelines of 1A1F runs with one micro-batch (plus
   the per-micro-batch cost from m = 2), written to benchmarks/results/profile.json, and every
   measured configuration is predicted from it (in-sample where it fed the fit).
 
-Ranks are spawned as fresh processes and each batch size is warmed up, which compiles its
-graphs, before it is measured.
+Every configuration of a comparison runs at once in its own spawned processes (see Deployment),
+is warmed up at each batch size (which compiles its graphs), and then all are measured in
+turn, round after round.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import traceback
 from collections import defaultdict
@@ -61,32 +63,107 @@ def _engine_config(args, buckets):
                         max_num_seqs=max(buckets), batch_buckets=tuple(sorted(buckets)), dtype=args.dtype)
 
 
-def _measure(backend: EngineBackend, prompts, batches, steps, repeats, traced: bool) -> dict:
-    """Per batch size: step times of the fastest repeat, and (traced) the rank timelines of one more run."""
-    out = {}
-    for b in batches:
-        backend.warm_up(prompts[:b])
-        best = min((backend.measure(prompts[:b], steps) for _ in range(repeats)), key=lambda r: sum(r.step_times))
-        out[b] = {"step_times": best.step_times}
-        if traced:
-            runner = backend.engine.runner
-            backend.measure(prompts[:b], steps, on_decode=lambda: runner.record_trace(10 ** 9))
-            out[b]["events"] = runner.collect_trace(60)["traceEvents"]
-    return out
+class Deployment:
+    """One configuration (monolithic, or 1A1F with m micro-batches and a link delay) kept running
+    in its own pinned processes and measured on request. Every configuration of a comparison is
+    deployed at once and they are measured in turn, round after round: this VM's speed drifts by
+    tens of percent within minutes, and only interleaved runs compare configurations fairly.
+    Idle deployments sleep (an idle attention rank pings its FFN rank every few seconds)."""
+
+    def __init__(self, args, cores, prompts, batches, m=None, delay_us=0.0):
+        from afd_compile.roles.rendezvous import free_port
+
+        self.name = "monolithic" if m is None else f"1A1F m={m}" + (f" delay {delay_us:g} us" if delay_us else "")
+        # Spawned, not forked: a process whose OpenMP pool has run (a test process, say) forks
+        # children that hang in their first parallel region (libgomp is not fork-safe).
+        ctx = mp.get_context("spawn")
+        self.commands, self.results = ctx.Queue(), ctx.Queue()
+        buckets = set(batches) | {math.ceil(b / (m or 1)) for b in batches}
+        driver = (self.commands, self.results, args, prompts, buckets)
+        if m is None:
+            self.procs = [ctx.Process(target=_monolithic_main, args=(*driver, cores))]
+        else:
+            afd = dict(micro_batches=m, connector=args.connector, connector_delay_us=delay_us, timeout_s=120)
+            port = free_port()
+            self.procs = [ctx.Process(target=_rank_main, args=(*driver, role, afd, port, core))
+                          for role, core in (("ffn", cores[1]), ("attention", cores[0]))]
+        for p in self.procs:
+            p.start()
+
+    def request(self, batch: int, what: str = "measure") -> None:
+        """what: "warm" (compile and warm this batch size), "measure" or "trace" (measure, then
+        one more run recording the ranks' timelines)."""
+        self.commands.put((what, batch))
+
+    def result(self) -> dict:
+        """The answer to the oldest request: {"step_times": [...], "events": [...] if traced}."""
+        waited = 0.0
+        while True:
+            try:
+                kind, payload = self.results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                waited += 1.0
+                if any(not p.is_alive() for p in self.procs) and self.results.empty():
+                    raise AfdError(f"{self.name}: a process died without reporting") from None
+                if waited > TIMEOUT_S:
+                    raise AfdError(f"{self.name}: no answer for {TIMEOUT_S} s") from None
+        if kind == "error":
+            raise AfdError(f"{self.name} failed:\n{payload}")
+        return payload
+
+    def close(self) -> None:
+        self.commands.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
 
 
-def _monolithic_main(queue, args, cores, prompts, batches, buckets) -> None:
+IDLE_PING_S = 5.0  # an idle attention rank's heartbeat, well inside the FFN rank's connector timeout
+
+
+def _drive(commands, results, backend, prompts, steps: int, idle=None) -> None:
+    """A deployment's driver loop: answers requests until told to stop (None)."""
+    while True:
+        try:
+            request = commands.get(timeout=IDLE_PING_S)
+        except queue.Empty:
+            if idle is not None:
+                idle()
+            continue
+        if request is None:
+            return
+        what, b = request
+        try:
+            if what == "warm":
+                backend.warm_up(prompts[:b])
+                results.put(("ok", {}))
+                continue
+            out = {"step_times": backend.measure(prompts[:b], steps).step_times}
+            if what == "trace":
+                runner = backend.engine.runner
+                backend.measure(prompts[:b], steps, on_decode=lambda: runner.record_trace(10 ** 9))
+                out["events"] = runner.collect_trace(60)["traceEvents"]
+            results.put(("ok", out))
+        except BaseException:
+            results.put(("error", traceback.format_exc()))
+            return
+
+
+def _monolithic_main(commands, results, args, prompts, buckets, cores) -> None:
     try:
         _pin(cores)
         from afd_compile.engine import LLMEngine
 
         backend = EngineBackend("monolithic", args, LLMEngine(_engine_config(args, buckets)))
-        queue.put(("attention", _measure(backend, prompts, batches, args.steps, args.repeats, False)))
     except BaseException:
-        queue.put(("error", traceback.format_exc()))
+        results.put(("error", traceback.format_exc()))
+        return
+    _drive(commands, results, backend, prompts, args.steps)
 
 
-def _rank_main(queue, role, args, afd_kwargs, port, core, prompts, batches, buckets, traced) -> None:
+def _rank_main(commands, results, args, prompts, buckets, role, afd_kwargs, port, core) -> None:
     try:
         _pin([core])
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -99,45 +176,61 @@ def _rank_main(queue, role, args, afd_kwargs, port, core, prompts, batches, buck
             run_ffn(cfg, afd)
             return
         engine, tracer = attention_engine(cfg, afd)
-        try:
-            result = _measure(EngineBackend("1A1F", args, engine), prompts, batches, args.steps, args.repeats, traced)
-        finally:
-            leave_attention(engine, tracer, afd)
-        queue.put(("attention", result))
     except BaseException:
-        queue.put(("error", f"{role}: {traceback.format_exc()}"))
-
-
-def _deploy(args, cores, prompts, batches, m=None, delay_us=0.0, traced=False) -> dict:
-    """Runs monolithic (m None) or 1A1F with m micro-batches; returns _measure's result."""
-    from afd_compile.roles.rendezvous import free_port
-
-    # Spawned, not forked: a process whose OpenMP pool has run (a test process, say) forks
-    # children that hang in their first parallel region (libgomp is not fork-safe).
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mbs = [1] if m is None else [m]
-    buckets = {b for b in batches} | {math.ceil(b / k) for b in batches for k in mbs}
-    if m is None:
-        procs = [ctx.Process(target=_monolithic_main, args=(queue, args, cores, prompts, batches, buckets))]
-    else:
-        afd = dict(micro_batches=m, connector=args.connector, connector_delay_us=delay_us, timeout_s=120)
-        port = free_port()
-        procs = [ctx.Process(target=_rank_main, args=(queue, role, args, afd, port, core, prompts, batches, buckets,
-                                                      traced))
-                 for role, core in (("ffn", cores[1]), ("attention", cores[0]))]
-    for p in procs:
-        p.start()
+        results.put(("error", f"{role}: {traceback.format_exc()}"))
+        return
     try:
-        kind, payload = queue.get(timeout=TIMEOUT_S)
+        _drive(commands, results, EngineBackend("1A1F", args, engine), prompts, args.steps, idle=engine.runner.idle)
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if kind == "error":
-        raise AfdError(f"{'monolithic' if m is None else f'1A1F m={m}'} failed:\n{payload}")
-    return payload
+        leave_attention(engine, tracer, afd)
+
+
+def _interleaved(deployments: dict, batches: dict, repeats: int, traced=()) -> dict:
+    """deployments {key: Deployment}, batches {key: batch sizes}. Warms every deployment at its
+    batch sizes (compiling its graphs), then measures `repeats` rounds, each deployment in turn (the order rotating).
+    Returns {key: {batch: the fastest round's result}}; keys in `traced` also record timelines
+    (in their last round)."""
+    for key, d in deployments.items():  # one at a time: compiling everywhere at once takes longer
+        for b in batches[key]:
+            d.request(b, "warm")
+            d.result()
+    best: dict = {key: {} for key in deployments}
+    keys = list(deployments)
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            d = deployments[key]
+            for b in batches[key]:
+                d.request(b, "trace" if key in traced and r == repeats - 1 else "measure")
+                out = d.result()
+                kept = best[key].setdefault(b, out)
+                if sum(out["step_times"]) < sum(kept["step_times"]):
+                    kept["step_times"] = out["step_times"]
+                if "events" in out:
+                    kept["events"] = out["events"]
+    return best
+
+
+def _deploy_all(args, cores, prompts, configs: dict) -> dict:
+    """configs {key: (batches, m, delay_us)} -> {key: Deployment}; closes them all if one fails to start."""
+    deployments = {}
+    try:
+        for key, (batches, m, delay) in configs.items():
+            deployments[key] = Deployment(args, cores, prompts, batches, m, delay)
+    except BaseException:
+        for d in deployments.values():
+            d.close()
+        raise
+    return deployments
+
+
+def _compare(args, cores, prompts, configs: dict, traced=()) -> dict:
+    """Deploys configs {key: (batches, m, delay_us)}, measures them interleaved, closes them."""
+    deployments = _deploy_all(args, cores, prompts, configs)
+    try:
+        return _interleaved(deployments, {k: c[0] for k, c in configs.items()}, args.repeats, traced)
+    finally:
+        for d in deployments.values():
+            d.close()
 
 
 # ---- the profile
@@ -205,33 +298,32 @@ def run(args) -> dict:
         return b / min(run_["step_times"])
 
     measured = []  # (batch, m, delay_us, seconds per step (median))
-
-    mono = _deploy(args, cores, prompts, batches)
+    # m = 1 (traced) and m = 2 at the profile's batch sizes feed the cost model
+    configs = {"monolithic": (batches, None, 0.0)}
+    configs |= {m: (profile_batches if m in (1, 2) else batches, m, 0.0) for m in sorted({1, 2, *m_values})}
+    runs = _compare(args, cores, prompts, configs, traced={1})
+    mono = runs.pop("monolithic")
     print("  monolithic: " + ", ".join(f"B={b} {tok_s(mono[b], b):.0f} tok/s" for b in batches), flush=True)
-    traced = _deploy(args, cores, prompts, profile_batches, m=1, traced=True)
-    pingpong = _deploy(args, cores, prompts, profile_batches, m=2)
-    profile = fit_profile(traced, pingpong, hf.num_hidden_layers)
-    afd_runs = {1: traced, 2: pingpong}
+    profile = fit_profile(runs[1], runs[2], hf.num_hidden_layers)
+    afd_runs = runs
     for m in m_values:
-        if m not in afd_runs:
-            afd_runs[m] = _deploy(args, cores, prompts, batches, m=m)
         print(f"  1A1F m={m}: " + ", ".join(f"B={b} {tok_s(afd_runs[m][b], b):.0f} tok/s" for b in batches),
               flush=True)
-    for m in m_values:
         for b in batches:
             measured.append((b, m, 0, statistics.median(afd_runs[m][b]["step_times"])))
     overlap = []
-    for d in delays:
-        for m in m_values:
-            delayed = _deploy(args, cores, prompts, [overlap_batch], m=m, delay_us=d)[overlap_batch]
-            base = afd_runs[m].get(overlap_batch) or _deploy(args, cores, prompts, [overlap_batch], m=m)[overlap_batch]
-            t0, t1 = statistics.median(base["step_times"]), statistics.median(delayed["step_times"])
+    for m in m_values:  # each m: without the delay and with each delay, interleaved
+        cmp = _compare(args, cores, prompts, {d: ([overlap_batch], m, d) for d in [0, *delays]})
+        t0 = statistics.median(cmp[0][overlap_batch]["step_times"])
+        for d in delays:
+            t1 = statistics.median(cmp[d][overlap_batch]["step_times"])
             tf = statistics.fmean(at(line, overlap_batch / m) for line in profile.ffn)
             overlap.append({"delay_us": d, "micro_batches": m, "batch": overlap_batch, "step_ms": t0 * 1e3,
                             "step_ms_delayed": t1 * 1e3, "efficiency": t0 / t1, "ffn_us_per_micro_batch": tf * 1e6,
                             "megascale_condition": m >= 2 * (1 + d * 1e-6 / tf)})
             measured.append((overlap_batch, m, d, t1))
             print(f"  delay {d} us m={m}: efficiency {t0 / t1:.2f}", flush=True)
+    overlap.sort(key=lambda o: (o["delay_us"], o["micro_batches"]))
 
     comparison = []
     for b, m, d, t in measured:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from afd_compile.config import AFDConfig, EngineConfig
+from afd_compile.connector.base import ConnectorError, heartbeat
 from afd_compile.engine import SamplingParams
 from afd_compile.errors import AfdError
 from afd_compile.roles.rendezvous import free_port
@@ -172,3 +173,20 @@ def test_bad_connector_delay_is_rejected(kwargs, match):
 
     with pytest.raises(AfdError, match=match):
         AFDConfig(afd_size="1A1F", **kwargs)
+
+
+def test_heartbeat_keeps_peers_posted_while_a_rank_compiles():
+    """While a rank compiles a graph (tens of seconds on CPU) its peers hear from it every period,
+    so they never see silence longer than that; a beat that fails (the links broke) is raised
+    after the body, not lost."""
+    beats = []
+    with heartbeat(lambda: beats.append(time.monotonic()), period_s=0.05):
+        time.sleep(0.4)
+    assert len(beats) >= 4 and max(b - a for a, b in zip(beats, beats[1:])) < 0.3
+
+    def broken():
+        raise ConnectorError("the FFN rank is gone")
+
+    with pytest.raises(ConnectorError, match="the FFN rank is gone"):
+        with heartbeat(broken, period_s=0.01):
+            time.sleep(0.05)

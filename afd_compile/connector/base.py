@@ -9,6 +9,8 @@ Protocol, per round, between an attention rank and the FFN rank it maps to:
         send_attn_output(h)    ─────────────►     recv_attn_output(peer)
         recv_ffn_output()      ◄─────────────     send_ffn_output(peer, y)
       kind IDLE: nothing follows but an ack    ◄── send_ack(peer)
+      kind COMPILE: the FFN compiles the decode
+        round of these token counts, then acks  ◄── BUSY .. BUSY, ACK (BUSY: still compiling)
 
 Hidden states travel as raw tensors; the header is a fixed-size int64 tensor. Nothing is
 pickled. Every wait has a timeout, and a dead peer is an error, never a hang.
@@ -17,12 +19,15 @@ pickled. Every wait has a timeout, and a dead peer is an error, never a hang.
 from __future__ import annotations
 
 import enum
+import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 MAX_MICRO_BATCHES = 16
+HEARTBEAT_S = 1.0
 HEADER_LEN = 4 + MAX_MICRO_BATCHES
 
 
@@ -37,6 +42,8 @@ class Kind(enum.IntEnum):
     IDLE = 2  # nothing to do this round; the FFN answers with an ack
     ACK = 3
     SHUTDOWN = 4  # the attention rank is leaving
+    COMPILE = 5  # compile the decode round of these token counts ahead of use; BUSY until the ACK
+    BUSY = 6  # the FFN rank is still compiling: an ACK follows
 
 
 @dataclass
@@ -78,7 +85,8 @@ class AFDConnector(ABC):
         """Waits for the FFN output of the oldest in-flight send of this micro-batch."""
 
     @abstractmethod
-    def recv_ack(self) -> None: ...
+    def recv_ack(self) -> None:
+        """Waits for the FFN rank's ACK; each BUSY before it restarts the wait."""
 
     # ---- FFN side (several attention peers)
     @abstractmethod
@@ -91,10 +99,39 @@ class AFDConnector(ABC):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None: ...
 
     @abstractmethod
-    def send_ack(self, peer: int) -> None: ...
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
+        """An ACK, or (kind BUSY) word that one follows."""
 
     def flush(self) -> None:
         """Waits until every started send has completed."""
 
     def close(self) -> None:
         """Releases the links."""
+
+
+@contextmanager
+def heartbeat(beat, period_s: float = HEARTBEAT_S):
+    """Calls beat() at once and then every period_s, in a thread, while the body runs: a rank
+    compiling a graph (tens of seconds on CPU) keeps its peers posted, where silence longer than
+    the connector timeout reads as a dead rank. The body leaves the links to beat meanwhile. A
+    beat's failure (the links broke) is raised after the body."""
+    done, failed = threading.Event(), []
+
+    def loop():
+        try:
+            while True:
+                beat()
+                if done.wait(period_s):
+                    return
+        except Exception as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=loop, name="afd-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    if failed:
+        raise failed[0]

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from afd_compile.connector.base import AFDConnector, StepHeader
+from afd_compile.connector.base import AFDConnector, Kind, StepHeader
 
 
 def _stamped(hidden: torch.Tensor) -> torch.Tensor:
@@ -59,8 +59,8 @@ class DelayedConnector(AFDConnector):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
         self.inner.send_ffn_output(peer, _stamped(hidden), micro_batch)
 
-    def send_ack(self, peer: int) -> None:
-        self.inner.send_ack(peer)
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
+        self.inner.send_ack(peer, kind)
 
     def flush(self) -> None:
         self.inner.flush()

@@ -62,10 +62,12 @@ class GlooConnector(AFDConnector):
         return out
 
     def recv_ack(self) -> None:
-        header = StepHeader.from_tensor(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), 0, _HEADER_TAG,
-                                                   "waiting for the FFN rank's ack"))
-        if header.kind is not Kind.ACK:
-            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {header.kind.name}")
+        kind = Kind.BUSY
+        while kind is Kind.BUSY:
+            kind = StepHeader.from_tensor(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), 0, _HEADER_TAG,
+                                                     "waiting for the FFN rank's ack")).kind
+        if kind is not Kind.ACK:
+            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {kind.name}")
 
     # ---- FFN side
     def recv_step(self, peer: int) -> StepHeader:
@@ -80,8 +82,8 @@ class GlooConnector(AFDConnector):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
         self._isend(hidden, peer, micro_batch)
 
-    def send_ack(self, peer: int) -> None:
-        self._isend(StepHeader(Kind.ACK).to_tensor(), peer, _HEADER_TAG)
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
+        self._isend(StepHeader(kind).to_tensor(), peer, _HEADER_TAG)
 
     def flush(self) -> None:
         for work in self._sends:

@@ -54,8 +54,10 @@ class Endpoint:
     def raise_error(self) -> None:
         """Re-raises a transfer's exception after a compiled graph failed: the graph reports only
         that a kernel failed, and callers tell a dead peer (ConnectorError) from a bug."""
-        if self.error is not None:
-            raise self.error
+        # Not kept: its traceback holds the connector's buffers, which must close with the links.
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
     @contextmanager
     def loopback(self, hidden: int, dtype: torch.dtype, device: torch.device):
@@ -121,7 +123,7 @@ class Loopback(AFDConnector):
     def recv_step(self, peer):
         raise NotImplementedError
 
-    def send_ack(self, peer):
+    def send_ack(self, peer, kind=None):
         raise NotImplementedError
 
     def send_attn_output(self, hidden, micro_batch):

@@ -167,11 +167,14 @@ class ShmConnector(AFDConnector):
         return self.inp[0].read_into(out, self.timeout, f"receiving the FFN output of micro-batch {micro_batch}")
 
     def recv_ack(self) -> None:
-        # An idle rank waits here while the FFN ranks serve its busy peers: it must not spin.
-        t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout, "waiting for an ack",
-                                  patient=True)
-        if StepHeader.from_tensor(t).kind is not Kind.ACK:
-            raise ConnectorError("protocol error: expected ACK from the FFN rank")
+        kind = Kind.BUSY
+        while kind is Kind.BUSY:
+            # An idle rank waits here while the FFN ranks serve its busy peers: it must not spin.
+            t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout,
+                                      "waiting for an ack", patient=True)
+            kind = StepHeader.from_tensor(t).kind
+        if kind is not Kind.ACK:
+            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {kind.name}")
 
     def recv_step(self, peer: int) -> StepHeader:
         t = self.inp[peer].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout,
@@ -185,8 +188,8 @@ class ShmConnector(AFDConnector):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
         self.out[peer].write(hidden, self.timeout, f"sending micro-batch {micro_batch} to attention peer {peer}")
 
-    def send_ack(self, peer: int) -> None:
-        self.out[peer].write(StepHeader(Kind.ACK).to_tensor(), self.timeout, "sending an ack")
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
+        self.out[peer].write(StepHeader(kind).to_tensor(), self.timeout, "sending an ack")
 
     def close(self) -> None:
         for ring in [*self.out.values(), *self.inp.values()]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from afd_compile.config import EngineConfig
-from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader
+from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
 from afd_compile.engine.model_runner import call_warm, compile_options
 from afd_compile.engine.sequence import Sequence
@@ -69,7 +69,7 @@ class AFDModelRunner:
         self.device = model.embed_tokens.weight.device
         self.decode_step = self.decode_graphs = None
         if config.enforce_eager:
-            pass
+            pass  # eager decode: _layers as written
         elif self.device.type == "cuda":
             from afd_compile.roles.cuda_graph import DecodeGraphs
 
@@ -176,13 +176,23 @@ class AFDModelRunner:
         return self._pipeline(mbs, lambda *a: call_warm(self.decode_step, *a), _attention_layer, Flag.DECODE)
 
     def _warm_up(self, mbs: list[MicroBatch]) -> None:
-        """Compiles the step for these shapes before the step header goes out, on loopback links
-        and the scratch slot only: the FFN ranks would otherwise wait through the compilation
-        (tens of seconds on CPU), racing the connector timeout."""
+        """Compiles the step for these shapes on loopback links and the scratch slot only, before
+        its header goes out, and has the FFN ranks compile their round meanwhile (a COMPILE
+        request): otherwise each side would wait through the other's compilation (tens of
+        seconds on CPU) mid-step. While it compiles, this rank keeps the links busy with idle
+        rounds, so the FFN ranks see a live peer, not silence outlasting the connector timeout."""
         saved = [mb.write_slots.clone() for mb in mbs]
         for mb in mbs:
             mb.write_slots.fill_(self.scratch)  # read_slots views the same row
-        with self.endpoint.loopback(self.model.cfg.hidden_size, self.model.embed_tokens.weight.dtype, self.device):
+        links = self.connector  # the real ones: the step compiles on loopback links
+        requests = iter([StepHeader(Kind.COMPILE, tokens=tuple(mb.num_sent for mb in mbs), flags=Flag.DECODE)])
+
+        def beat():  # the COMPILE request, then idle rounds; each waits for the FFN ranks' ack
+            links.send_step(next(requests, StepHeader(Kind.IDLE)))
+            links.recv_ack()
+
+        with heartbeat(beat), self.endpoint.loopback(self.model.cfg.hidden_size,
+                                                     self.model.embed_tokens.weight.dtype, self.device):
             self.decode_step(mbs, _attention_layer)
         for mb, slots in zip(mbs, saved):
             mb.write_slots.copy_(slots)

@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 
-from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind
+from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, heartbeat
 from afd_compile.connector.ops import Endpoint
 from afd_compile.engine.model_runner import call_warm, compile_options
 from afd_compile.model.decoder import DeepseekV2
@@ -102,7 +102,9 @@ class FFNWorker:
             if dump:
                 self._publish_trace(dump)
             for p, h in headers.items():
-                if h.kind is Kind.IDLE:
+                if h.kind is Kind.COMPILE:
+                    self._compile_for(p, h.tokens)
+                if h.kind in (Kind.IDLE, Kind.COMPILE):
                     self.connector.send_ack(p)
             self.connector.flush()
         log.info("ffn rank %d: all attention peers left; exiting", self.world.rank)
@@ -116,13 +118,25 @@ class FFNWorker:
             self._call(self._round, rows)
             return
         if rows not in self._compiled:
-            # Compiled on loopback links first, so its transfers cannot time out mid-compilation.
-            self.endpoint.start(step, [[(0, n)] for n in rows])
-            with self.endpoint.loopback(self.hidden, self.dtype, self.device):
-                self.decode_round(rows, self._first_link)
-            self._compiled.add(rows)
+            # A shape no COMPILE request announced (several peers' micro-batches together): the
+            # peers wait through the compilation, within their connector timeout.
+            self._compile(rows)
         self.endpoint.start(step, plan)
         self._call(lambda *a: call_warm(self.decode_round, *a), rows)
+
+    def _compile_for(self, peer: int, rows: tuple[int, ...]) -> None:
+        """A COMPILE request: compiles the decode round of these rows, telling the peer BUSY
+        every second meanwhile."""
+        if self.decode_round is not None and rows not in self._compiled:
+            with heartbeat(lambda: self.connector.send_ack(peer, Kind.BUSY)):
+                self._compile(rows)
+
+    def _compile(self, rows: tuple[int, ...]) -> None:
+        """Compiles (and runs once) the decode round of these rows on loopback links."""
+        self.endpoint.start(0, [[(0, n)] for n in rows])
+        with self.endpoint.loopback(self.hidden, self.dtype, self.device):
+            self.decode_round(rows, self._first_link)
+        self._compiled.add(rows)
 
     def _call(self, round_fn, rows: tuple[int, ...]) -> None:
         try:
