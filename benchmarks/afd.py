@@ -243,8 +243,8 @@ def _spans(events) -> dict:
     return {k: statistics.fmean(v) for k, v in acc.items()}
 
 
-def _over_layers(spans: dict, side: str, name: str) -> float:
-    return statistics.fmean(v for (c, n, _), v in spans.items() if (c, n) == (side, name))
+def _over_layers(spans: dict, side: str, name: str, first: int = 0) -> float:
+    return statistics.fmean(v for (c, n, layer), v in spans.items() if (c, n) == (side, name) and layer >= first)
 
 
 def fit_profile(traced: dict, pingpong: dict, num_layers: int) -> Profile:
@@ -253,7 +253,9 @@ def fit_profile(traced: dict, pingpong: dict, num_layers: int) -> Profile:
     ffn = [[] for _ in range(num_layers)]
     for b, run in sorted(traced.items()):
         s = _spans(run["events"])
-        ta, sa = _over_layers(s, "attention", "attention"), _over_layers(s, "attention", "send")
+        # Layer 0's attention span also holds the step's entry into its compiled graph and the
+        # embedding: a per-step cost (in `rest` below), not a per-layer one.
+        ta, sa = _over_layers(s, "attention", "attention", first=1), _over_layers(s, "attention", "send")
         sf = _over_layers(s, "ffn", "send")
         waits = [s["attention", "wait", l] for l in range(num_layers)]
         tf = [s["ffn", "ffn", l] for l in range(num_layers)]
