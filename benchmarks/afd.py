@@ -210,23 +210,12 @@ def _interleaved(deployments: dict, batches: dict, repeats: int, traced=()) -> d
     return best
 
 
-def _deploy_all(args, cores, prompts, configs: dict) -> dict:
-    """configs {key: (batches, m, delay_us)} -> {key: Deployment}; closes them all if one fails to start."""
+def _compare(args, cores, prompts, configs: dict, traced=()) -> dict:
+    """Deploys configs {key: (batches, m, delay_us)}, measures them interleaved, closes them."""
     deployments = {}
     try:
         for key, (batches, m, delay) in configs.items():
             deployments[key] = Deployment(args, cores, prompts, batches, m, delay)
-    except BaseException:
-        for d in deployments.values():
-            d.close()
-        raise
-    return deployments
-
-
-def _compare(args, cores, prompts, configs: dict, traced=()) -> dict:
-    """Deploys configs {key: (batches, m, delay_us)}, measures them interleaved, closes them."""
-    deployments = _deploy_all(args, cores, prompts, configs)
-    try:
         return _interleaved(deployments, {k: c[0] for k, c in configs.items()}, args.repeats, traced)
     finally:
         for d in deployments.values():
