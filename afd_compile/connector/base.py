@@ -85,8 +85,16 @@ class AFDConnector(ABC):
         """Waits for the FFN output of the oldest in-flight send of this micro-batch."""
 
     @abstractmethod
+    def recv_reply(self) -> StepHeader:
+        """The FFN rank's next reply header (ACK or BUSY)."""
+
     def recv_ack(self) -> None:
         """Waits for the FFN rank's ACK; each BUSY before it restarts the wait."""
+        kind = Kind.BUSY
+        while kind is Kind.BUSY:
+            kind = self.recv_reply().kind
+        if kind is not Kind.ACK:
+            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {kind.name}")
 
     # ---- FFN side (several attention peers)
     @abstractmethod

@@ -46,8 +46,8 @@ class DelayedConnector(AFDConnector):
     def recv_ffn_output(self, micro_batch: int) -> torch.Tensor:
         return self._arrive(self.inner.recv_ffn_output(micro_batch))
 
-    def recv_ack(self) -> None:
-        self.inner.recv_ack()
+    def recv_reply(self) -> StepHeader:
+        return self.inner.recv_reply()
 
     # ---- FFN side
     def recv_step(self, peer: int) -> StepHeader:

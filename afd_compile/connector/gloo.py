@@ -61,13 +61,9 @@ class GlooConnector(AFDConnector):
         self._wait(work, f"receiving the FFN output of micro-batch {micro_batch}")
         return out
 
-    def recv_ack(self) -> None:
-        kind = Kind.BUSY
-        while kind is Kind.BUSY:
-            kind = StepHeader.from_tensor(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), 0, _HEADER_TAG,
-                                                     "waiting for the FFN rank's ack")).kind
-        if kind is not Kind.ACK:
-            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {kind.name}")
+    def recv_reply(self) -> StepHeader:
+        return StepHeader.from_tensor(self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), 0, _HEADER_TAG,
+                                                 "waiting for the FFN rank's ack"))
 
     # ---- FFN side
     def recv_step(self, peer: int) -> StepHeader:

@@ -117,7 +117,7 @@ class Loopback(AFDConnector):
     def send_step(self, header):
         raise NotImplementedError
 
-    def recv_ack(self):
+    def recv_reply(self):
         raise NotImplementedError
 
     def recv_step(self, peer):

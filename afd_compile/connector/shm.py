@@ -166,15 +166,11 @@ class ShmConnector(AFDConnector):
         out = self._pending[micro_batch].pop(0)
         return self.inp[0].read_into(out, self.timeout, f"receiving the FFN output of micro-batch {micro_batch}")
 
-    def recv_ack(self) -> None:
-        kind = Kind.BUSY
-        while kind is Kind.BUSY:
-            # An idle rank waits here while the FFN ranks serve its busy peers: it must not spin.
-            t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout,
-                                      "waiting for an ack", patient=True)
-            kind = StepHeader.from_tensor(t).kind
-        if kind is not Kind.ACK:
-            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {kind.name}")
+    def recv_reply(self) -> StepHeader:
+        # An idle rank waits here while the FFN ranks serve its busy peers: it must not spin.
+        t = self.inp[0].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout, "waiting for an ack",
+                                  patient=True)
+        return StepHeader.from_tensor(t)
 
     def recv_step(self, peer: int) -> StepHeader:
         t = self.inp[peer].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout,
