@@ -7,9 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from afd_compile.connector.base import ConnectorError
-from afd_compile.connector.ops import Endpoint
+from afd_compile.config import EngineConfig
+from afd_compile.connector.base import ConnectorError, Kind, StepHeader
+from afd_compile.connector.ops import Endpoint, Loopback
+from afd_compile.engine import SamplingParams
 from afd_compile.engine.model_runner import compile_options
+from afd_compile.engine.sequence import Sequence
+from afd_compile.model.loader import load_model
+from afd_compile.roles.attention import AFDModelRunner
 from afd_compile.trace import Tracer
 
 
@@ -120,3 +125,49 @@ def test_a_closed_endpoint_is_a_clear_error(inputs):
     ep.close()
     with pytest.raises(RuntimeError, match=f"AFD endpoint {ep.id} is closed"):
         pipeline(xs, w, ep.id)
+
+
+class CacheWatchingLinks(Loopback):
+    """Loopback links of an attention rank (its FFN returns what it is sent) that note, at each
+    send, whether micro-batch 1's first-layer latent is in the KV cache yet."""
+
+    def __init__(self, model, slots, positions):
+        super().__init__(model.cfg.hidden_size, torch.float32, torch.device("cpu"))
+        self.attention = model.attention_halves[0].self_attn  # its cache is made by the runner
+        self.slots, self.positions = slots, positions
+        self.written_at_send: list[bool] = []
+
+    def send_step(self, header):
+        pass
+
+    def recv_reply(self):
+        return StepHeader(Kind.ACK)
+
+    def flush(self):
+        pass
+
+    def send_attn_output(self, hidden, micro_batch):
+        self.written_at_send.append(bool(self.attention.kv_cache.latent[self.slots, self.positions].abs().sum() > 0))
+        super().send_attn_output(hidden, micro_batch)
+
+
+@torch.inference_mode()
+def test_a_micro_batch_starts_after_the_previous_one_is_sent(tiny_greedy_checkpoint):
+    """Nothing orders micro-batch 1's first layer after micro-batch 0's send but afd::after:
+    without it inductor fuses the two micro-batches' first layers and sends neither until both
+    are computed, while the FFN rank waits. Watched through the KV cache of the compiled step."""
+    model = load_model(tiny_greedy_checkpoint, part="attention")
+    seqs = []
+    for slot in range(4):
+        seq = Sequence([1, 5, 7, 9], SamplingParams())
+        seq.slot, seq.num_computed = slot, 4
+        seqs.append(seq)
+    links = CacheWatchingLinks(model, torch.tensor([2, 3]), torch.tensor([3, 3]))
+    runner = AFDModelRunner(model, EngineConfig(max_num_seqs=4, max_model_len=16, batch_buckets=(2,)), 16, links,
+                            micro_batches=2)
+    try:
+        runner.decode(seqs)
+    finally:
+        runner.endpoint.close()
+    # sends: layer 0 of micro-batches 0 and 1, then the later layers
+    assert links.written_at_send[:2] == [False, True]

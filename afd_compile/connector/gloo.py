@@ -37,7 +37,10 @@ class GlooConnector(AFDConnector):
                                  f"{str(e).splitlines()[0]}") from None
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        self._sends.append(dist.isend(tensor.contiguous(), self.peers[peer], group=self.group, tag=tag))
+        # A copy: gloo reads the tensor after isend returns, while the caller may reuse its memory
+        # at once (a compiled step reuses a sent buffer for the next kernel's output).
+        self._sends.append(dist.isend(tensor.clone(memory_format=torch.contiguous_format), self.peers[peer],
+                                      group=self.group, tag=tag))
         # Completed sends are dropped as we go so the list stays short in long runs.
         while len(self._sends) > 64 and self._sends[0].is_completed():
             self._sends.pop(0)

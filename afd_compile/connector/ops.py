@@ -5,9 +5,11 @@ sends and receives between them. Called once per layer from Python, a compiled g
 
 The ops are opaque to the compiler (it calls back into the rank's connector through the
 dispatcher) and ordered by data alone: each takes the previous transfer's result as `after`,
-so the chain of transfers is total and the compute between two transfers stays there (the
-ping-pong order the FFN ranks expect). Transfers return a token, never None, which keeps them
-from being removed as dead code.
+so the chain of transfers is total. Compute that feeds a send stays before it; compute that
+depends on no transfer could run anywhere, so it is pinned with `after` (e.g. a micro-batch's
+first layer after the previous micro-batch's first send: inductor would otherwise fuse the
+micro-batches' first layers and send none until both are done, idling the FFN ranks).
+Transfers return a token, never None, which keeps them from being removed as dead code.
 
 Ops take an endpoint id (an int the graph bakes in); the endpoint holds the rank's current
 connector, swapped in place when the rank rejoins on new links, and records the rank's
@@ -151,6 +153,7 @@ _lib.define("send_attn_output(Tensor x, Tensor after, int endpoint, int layer, i
 _lib.define("recv_ffn_output(Tensor like, Tensor after, int endpoint, int layer, int micro_batch) -> Tensor")
 _lib.define("recv_attn_output(Tensor after, int endpoint, int tokens, int hidden, int layer, int micro_batch) -> Tensor")
 _lib.define("send_ffn_output(Tensor y, Tensor after, int endpoint, int layer, int micro_batch) -> Tensor")
+_lib.define("after(Tensor x, Tensor after) -> Tensor")
 
 
 def _token(x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +188,14 @@ def send_ffn_output(y: torch.Tensor, after: torch.Tensor, endpoint: int, layer: 
     return _token(y)
 
 
+def after(x: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """A copy of x that the compiler cannot make before `after` exists: orders compute that
+    depends on no transfer (the copy is of a micro-batch's token ids: bytes)."""
+    return x.clone()
+
+
 # One kernel for every device: the connector moves the tensors it is given (NCCL on CUDA).
-for _name, _fn in [("send_attn_output", send_attn_output), ("recv_ffn_output", recv_ffn_output),
+for _name, _fn in [("after", after), ("send_attn_output", send_attn_output), ("recv_ffn_output", recv_ffn_output),
                    ("recv_attn_output", recv_attn_output), ("send_ffn_output", send_ffn_output)]:
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
@@ -204,6 +213,11 @@ def _(like, after, endpoint, layer, micro_batch):
 @torch.library.register_fake("afd::recv_attn_output", lib=_lib)
 def _(after, endpoint, tokens, hidden, layer, micro_batch):
     return after.new_empty(tokens, hidden)
+
+
+@torch.library.register_fake("afd::after", lib=_lib)
+def _(x, after):
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("afd::send_ffn_output", lib=_lib)

@@ -249,21 +249,26 @@ class AFDModelRunner:
         so they keep this order."""
         model, ep = self.model, self.endpoint.id
         inps = [model.attention_inputs(mb.positions, mb.write_slots, mb.read_slots, mb.n_ctx) for mb in mbs]
-        hs = [model.embed_tokens(mb.tokens) for mb in mbs]
-        sent: list[torch.Tensor] = [hs[0]] * len(mbs)  # what each micro-batch last sent to the FFN
-        link = hs[0].new_empty(0)
+        hs = [None] * len(mbs)  # each micro-batch's hidden states
+        sent = [None] * len(mbs)  # what each micro-batch last sent to the FFN
+        link = model.embed_tokens.weight.new_empty(0)
         for layer, half in enumerate(model.attention_halves):
             for k, mb in enumerate(mbs):
                 if layer > 0:
                     link = torch.ops.afd.recv_ffn_output(sent[k], link, ep, layer - 1, k)
                     hs[k] = _unpack(link, hs[k], mb)
+                else:  # micro-batch k starts once micro-batch k-1 is on its way to the FFN
+                    hs[k] = model.embed_tokens(mb.tokens if k == 0 else torch.ops.afd.after(mb.tokens, link))
                 hs[k] = attention(half, hs[k], inps[k])
                 flat = hs[k].flatten(0, 1)
                 sent[k] = flat if mb.sent is None else flat[mb.sent]
                 link = torch.ops.afd.send_attn_output(sent[k], link, ep, layer, k)
-        logits = []
+        logits: list[torch.Tensor] = []
         for k, mb in enumerate(mbs):
-            link = torch.ops.afd.recv_ffn_output(sent[k], link, ep, len(model.attention_halves) - 1, k)
+            # After the previous micro-batch's logits (which follow its receive): they are computed
+            # while the FFN ranks finish this one, not after.
+            link = torch.ops.afd.recv_ffn_output(sent[k], logits[-1] if logits else link, ep,
+                                                 len(model.attention_halves) - 1, k)
             logits.append(model.logits(_unpack(link, hs[k], mb), mb.last_idx))
         return logits
 
