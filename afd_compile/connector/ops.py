@@ -99,11 +99,15 @@ class Endpoint:
 
     # ---- FFN side: a micro-batch is its peers' parts, in plan order
     def _gather(self, micro_batch: int) -> torch.Tensor:
-        parts = [self.connector.recv_attn_output(p, n, micro_batch) for p, n in self.plan[micro_batch]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        peers = self.plan[micro_batch]
+        if len(peers) == 1:
+            return self.connector.recv_attn_output(*peers[0], micro_batch)
+        return torch.cat([self.connector.recv_attn_output(p, n, micro_batch) for p, n in peers])
 
     def _scatter(self, y: torch.Tensor, micro_batch: int) -> None:
         peers = self.plan[micro_batch]
+        if len(peers) == 1:
+            return self.connector.send_ffn_output(peers[0][0], y, micro_batch)
         for (p, _), out in zip(peers, y.split([n for _, n in peers])):
             self.connector.send_ffn_output(p, out, micro_batch)
 
