@@ -4,11 +4,15 @@ delay, and the cost model (afd_compile/planner.py) against measurement. `afd ben
 - Equal cores: the monolithic engine runs on two cores (two torch threads); 1A1F runs its
   attention rank on one core and its FFN rank on the other (os.sched_setaffinity, one thread
   each). Decode tokens/s at each batch size for micro-batch counts m; same prompts, greedy,
-  EOS ignored, the fastest of `repeats` rounds (see monolithic.py for the method).
+  EOS ignored, the fastest of `repeats` rounds (see monolithic.py for the method). AFD vs
+  monolithic is the median over rounds of the ratio of the two within a round (with its range):
+  on this VM a configuration's speed drifts by tens of percent between minutes, so ratios of
+  each one's fastest round mislead.
 - Overlap: the same 1A1F with `--connector-delay-us d` on every hidden-state message. Overlap
-  efficiency = step time without the delay / step time with it (medians, the two measured
-  interleaved): 1.0 when ping-pong hides the link entirely. MegaScale-Infer's condition for that is m >= 2 (1 + Tc / Tf), Tc the one-way
-  delay and Tf the FFN time of one micro-batch; both are in the JSON.
+  efficiency = step time without the delay / step time with it (paired by round likewise): 1.0
+  when ping-pong hides the link entirely. MegaScale-Infer's condition for that is
+  m >= 2 (1 + Tc / Tf), Tc the one-way delay and Tf the FFN time of one micro-batch; both are in
+  the JSON.
 - Cost model: a profile is fitted from the timelines of 1A1F runs with one micro-batch (plus
   the per-micro-batch cost from m = 2), written to benchmarks/results/profile.json, and every
   measured configuration is predicted from it (in-sample where it fed the fit).
@@ -188,8 +192,8 @@ def _rank_main(commands, results, args, prompts, buckets, role, afd_kwargs, port
 def _interleaved(deployments: dict, batches: dict, repeats: int, traced=()) -> dict:
     """deployments {key: Deployment}, batches {key: batch sizes}. Warms every deployment at its
     batch sizes (compiling its graphs), then measures `repeats` rounds, each deployment in turn (the order rotating).
-    Returns {key: {batch: the fastest round's result}}; keys in `traced` also record timelines
-    (in their last round)."""
+    Returns {key: {batch: the fastest round's result, plus "round_tok_s": tokens/s of every
+    round in order}}; keys in `traced` also record timelines (in their last round)."""
     for key, d in deployments.items():  # one at a time: compiling everywhere at once takes longer
         for b in batches[key]:
             d.request(b, "warm")
@@ -202,12 +206,26 @@ def _interleaved(deployments: dict, batches: dict, repeats: int, traced=()) -> d
             for b in batches[key]:
                 d.request(b, "trace" if key in traced and r == repeats - 1 else "measure")
                 out = d.result()
-                kept = best[key].setdefault(b, out)
+                kept = best[key].setdefault(b, dict(out, round_tok_s=[]))
+                kept["round_tok_s"].append(_tok_s(out["step_times"], b))
                 if sum(out["step_times"]) < sum(kept["step_times"]):
                     kept["step_times"] = out["step_times"]
                 if "events" in out:
                     kept["events"] = out["events"]
     return best
+
+
+def _tok_s(step_times: list[float], batch: int) -> float:
+    """Decode tokens/s over a round (not its fastest step), as monolithic.py reports."""
+    return batch * len(step_times) / sum(step_times)
+
+
+def _paired_ratio(afd: dict, mono: dict) -> tuple[float, float, float]:
+    """Median, min and max over rounds of AFD tok/s / monolithic tok/s of the same round: the two
+    were measured seconds apart, so the drift of a shared VM cancels better than between
+    each one's fastest round."""
+    ratios = sorted(a / m for a, m in zip(afd["round_tok_s"], mono["round_tok_s"]))
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def _compare(args, cores, prompts, configs: dict, traced=()) -> dict:
@@ -285,8 +303,8 @@ def run(args) -> dict:
     print(f"afd bench {SCENARIO}: {args.model}, cores {cores}, batches {batches}, m {m_values}, "
           f"delays {delays} us at batch {overlap_batch}, connector {args.connector}", flush=True)
 
-    def tok_s(run_, b):  # over the whole fastest round, as in monolithic.py (not its fastest step)
-        return b * len(run_["step_times"]) / sum(run_["step_times"])
+    def tok_s(run_, b):
+        return _tok_s(run_["step_times"], b)
 
     measured = []  # (batch, m, delay_us, seconds per step (median))
     # m = 1 (traced) and m = 2 at the profile's batch sizes feed the cost model
@@ -309,11 +327,13 @@ def run(args) -> dict:
         for d in delays:
             t1 = statistics.median(cmp[d][overlap_batch]["step_times"])
             tf = statistics.fmean(at(line, overlap_batch / m) for line in profile.ffn)
+            # step time without / with the delay = tok/s with / without it, paired round by round
+            eff, lo, hi = _paired_ratio(cmp[d][overlap_batch], cmp[0][overlap_batch])
             overlap.append({"delay_us": d, "micro_batches": m, "batch": overlap_batch, "step_ms": t0 * 1e3,
-                            "step_ms_delayed": t1 * 1e3, "efficiency": t0 / t1, "ffn_us_per_micro_batch": tf * 1e6,
-                            "megascale_condition": m >= 2 * (1 + d * 1e-6 / tf)})
+                            "step_ms_delayed": t1 * 1e3, "efficiency": eff, "efficiency_range": [lo, hi],
+                            "ffn_us_per_micro_batch": tf * 1e6, "megascale_condition": m >= 2 * (1 + d * 1e-6 / tf)})
             measured.append((overlap_batch, m, d, t1))
-            print(f"  delay {d} us m={m}: efficiency {t0 / t1:.2f}", flush=True)
+            print(f"  delay {d} us m={m}: efficiency {eff:.2f} ({lo:.2f}-{hi:.2f} over rounds)", flush=True)
     overlap.sort(key=lambda o: (o["delay_us"], o["micro_batches"]))
 
     comparison = []
@@ -327,8 +347,10 @@ def run(args) -> dict:
         row = {"batch": b, "monolithic_tok_s": tok_s(mono[b], b)}
         for m in m_values:
             row[f"1A1F_m{m}_tok_s"] = tok_s(afd_runs[m][b], b)
-        best = max(m_values, key=lambda m: row[f"1A1F_m{m}_tok_s"])
-        row["best_m"], row["afd_vs_monolithic"] = best, row[f"1A1F_m{best}_tok_s"] / row["monolithic_tok_s"]
+            row[f"1A1F_m{m}_paired_ratio"] = _paired_ratio(afd_runs[m][b], mono[b])
+        best = max(m_values, key=lambda m: row[f"1A1F_m{m}_paired_ratio"][0])
+        row["best_m"], row["afd_vs_monolithic"] = best, row[f"1A1F_m{best}_paired_ratio"][0]
+        row["afd_vs_monolithic_range"] = row[f"1A1F_m{best}_paired_ratio"][1:]
         results.append(row)
     result = {"scenario": SCENARIO, "machine": machine_info(),
               "config": {"model": str(args.model), "cores": cores, "connector": args.connector, "steps": args.steps,
@@ -340,6 +362,9 @@ def run(args) -> dict:
     print(format_table(["batch", "monolithic tok/s", *(f"1A1F m={m}" for m in m_values), "best vs mono"],
                        [[r["batch"], r["monolithic_tok_s"], *(r[f"1A1F_m{m}_tok_s"] for m in m_values),
                          f"{r['afd_vs_monolithic']:.2f}x (m={r['best_m']})"] for r in results]))
+    print("(tok/s: fastest of the rounds; best vs mono: median over rounds of the ratio within a round, range "
+          + ", ".join(f"B={r['batch']} {lo:.2f}-{hi:.2f}" for r in results for lo, hi in [r["afd_vs_monolithic_range"]])
+          + ")")
     if overlap:
         print("\noverlap efficiency (step without delay / with it), batch", overlap_batch)
         print(format_table(["delay us", *(f"m={m}" for m in m_values)],

@@ -101,6 +101,10 @@ def test_afd_scenario_measures_predicts_and_writes_a_profile(tiny_greedy_checkpo
     result = json.loads(out.read_text())
     (row,) = result["results"]
     assert row["monolithic_tok_s"] > 0 and row["1A1F_m1_tok_s"] > 0 and row["1A1F_m2_tok_s"] > 0
+    # one round: the paired ratio is that round's ratio, and the best m has the highest
+    best = row["best_m"]
+    assert row["afd_vs_monolithic"] == pytest.approx(row[f"1A1F_m{best}_tok_s"] / row["monolithic_tok_s"])
+    assert row["afd_vs_monolithic"] == pytest.approx(max(row[f"1A1F_m{m}_tok_s"] for m in (1, 2)) / row["monolithic_tok_s"])
     assert [(o["delay_us"], o["micro_batches"]) for o in result["overlap"]] == [(100, 1), (100, 2)]
     assert all(o["efficiency"] > 0 for o in result["overlap"])
     assert len(result["model_vs_measured"]) == 4 and all(c["predicted_ms"] > 0 for c in result["model_vs_measured"])
