@@ -16,12 +16,12 @@ import torch
 
 from afd_compile.connector.base import AFDConnector, Kind, StepHeader
 
+_SPIN_NS = 150_000  # the end of a delay is spun, not slept: a sleep wakes ~100 us late
 
-_SPIN_NS = 150_000
 
-# On CPU the stamp is written and read through numpy: the torch ops for it (a new row, a
-# concatenation, an indexed store) cost ~25 us per message, which the measured delay would
-# include. Stamps are the first 8 bytes of the extra row.
+# On CPU the stamp is written and read through numpy, whose calls cost a fraction of torch's
+# (a new row, a concatenation, an indexed store): every message pays them, inside what the
+# benchmark measures as the delay's cost. Stamps are the first 8 bytes of the extra row.
 def _stamped(hidden: torch.Tensor) -> torch.Tensor:
     """hidden [rows, H] and one more row holding the send time."""
     if hidden.device.type != "cpu":
@@ -50,8 +50,7 @@ class DelayedConnector(AFDConnector):
     def _arrive(self, stamped: torch.Tensor) -> torch.Tensor:
         """Waits until the message's send time plus the delay, then returns it without the stamp
         row. Sleeps through all but the last _SPIN_NS of the wait, as a receiver blocked on a slow
-        link would (a spinning core slows the other vCPU's compute by ~15% on the 2-core VM),
-        and spins the rest: a sleep wakes ~100 us late."""
+        link would: a spinning core slows the other vCPU's compute by ~15% on the 2-core VM."""
         due = _stamp(stamped) + self.delay_ns
         ahead = due - time.monotonic_ns() - _SPIN_NS
         if ahead > 0:
