@@ -1,5 +1,5 @@
 """The shared-memory connector's byte ring (connector/shm.py): messages of any size arrive intact
-and in order, whether they fit in one copy, wrap around the ring's end, or are larger than the
+and in order, whether they fit before the ring's end, wrap around it, or are larger than the
 ring and stream through it while the reader drains it."""
 
 from __future__ import annotations

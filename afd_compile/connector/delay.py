@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from afd_compile.connector.base import AFDConnector, Kind, StepHeader
@@ -19,26 +18,10 @@ from afd_compile.connector.base import AFDConnector, Kind, StepHeader
 _SPIN_NS = 150_000  # the end of a delay is spun, not slept: a sleep wakes ~100 us late
 
 
-# On CPU the stamp is written and read through numpy, whose calls cost a fraction of torch's
-# (a new row, a concatenation, an indexed store): every message pays them, inside what the
-# benchmark measures as the delay's cost. Stamps are the first 8 bytes of the extra row.
 def _stamped(hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [rows, H] and one more row holding the send time."""
-    if hidden.device.type != "cpu":
-        row = hidden.new_zeros(1, hidden.shape[1])
-        row.view(torch.int64)[0, 0] = time.monotonic_ns()
-        return torch.cat([hidden, row])
-    src = hidden.contiguous().view(torch.uint8).numpy()  # [rows, H * itemsize]
-    out = np.empty((src.shape[0] + 1, src.shape[1]), dtype=np.uint8)
-    out[:-1] = src
-    out[-1, :8].view(np.int64)[0] = time.monotonic_ns()
-    return torch.from_numpy(out).view(hidden.dtype)
-
-
-def _stamp(stamped: torch.Tensor) -> int:
-    if stamped.device.type != "cpu":
-        return int(stamped[-1:].view(torch.int64)[0, 0])
-    return int(stamped[-1].view(torch.uint8).numpy()[:8].view(np.int64)[0])
+    row = hidden.new_zeros(1, hidden.shape[1])
+    row.view(torch.int64)[0, 0] = time.monotonic_ns()
+    return torch.cat([hidden, row])
 
 
 class DelayedConnector(AFDConnector):
@@ -51,7 +34,7 @@ class DelayedConnector(AFDConnector):
         """Waits until the message's send time plus the delay, then returns it without the stamp
         row. Sleeps through all but the last _SPIN_NS of the wait, as a receiver blocked on a slow
         link would: a spinning core slows the other vCPU's compute by ~15% on the 2-core VM."""
-        due = _stamp(stamped) + self.delay_ns
+        due = int(stamped[-1:].view(torch.int64)[0, 0]) + self.delay_ns
         ahead = due - time.monotonic_ns() - _SPIN_NS
         if ahead > 0:
             time.sleep(ahead * 1e-9)

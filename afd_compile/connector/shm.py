@@ -88,14 +88,8 @@ class Ring:
 
     def write(self, payload: torch.Tensor, timeout_s: float, what: str) -> None:
         ctrl, size = self.ctrl, self.size
-        src = _as_bytes(payload.contiguous())
-        head, n = int(ctrl[_HEAD]), src.size
-        pos = head % size
-        if pos + n <= size and head + n - int(ctrl[_TAIL]) <= size:  # fits without wrapping: one copy
-            self.data[pos : pos + n] = src
-            ctrl[_HEAD] = head + n  # publish after the bytes (x86-64 store order)
-            return
-        done = 0
+        src = _as_bytes(payload.detach().contiguous())
+        head, done, n = int(ctrl[_HEAD]), 0, src.size
         while done < n:
             if head - int(ctrl[_TAIL]) >= size:
                 self._wait(lambda h=head: h - int(ctrl[_TAIL]) < size, _READER, timeout_s, what)
@@ -108,13 +102,7 @@ class Ring:
     def read_into(self, out: torch.Tensor, timeout_s: float, what: str, patient: bool = False) -> torch.Tensor:
         ctrl, size = self.ctrl, self.size
         dst = _as_bytes(out)
-        tail, n = int(ctrl[_TAIL]), dst.size
-        pos = tail % size
-        if pos + n <= size and int(ctrl[_HEAD]) - tail >= n:  # all there, unwrapped: one copy
-            dst[:] = self.data[pos : pos + n]
-            ctrl[_TAIL] = tail + n
-            return out
-        done = 0
+        tail, done, n = int(ctrl[_TAIL]), 0, dst.size
         while done < n:
             if int(ctrl[_HEAD]) <= tail:
                 self._wait(lambda t=tail: int(ctrl[_HEAD]) > t, _WRITER, timeout_s, what, patient)
