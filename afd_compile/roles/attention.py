@@ -27,7 +27,7 @@ import torch
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
-from afd_compile.engine.model_runner import call_warm, compile_options
+from afd_compile.engine.model_runner import CompiledPerShape, compile_options
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -78,17 +78,12 @@ class AFDModelRunner:
             self.decode_attention = torch.compile(_attention_layer, dynamic=False, fullgraph=True,
                                                   options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
-        else:
-            # One graph per decode shape: micro-batch count (1..micro_batches) x bucket.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       len(config.batch_buckets) * micro_batches + 1)
-            self.decode_step = torch.compile(self._layers, dynamic=False, fullgraph=True,
-                                             options=compile_options(self.device))
+        else:  # one graph per decode shape: (micro-batch count, bucket)
+            self.decode_step = CompiledPerShape(self._layers, "attention_step", self.device)
         # Per (micro-batch count, bucket): the host rows (token, position, cache slot) of every
         # micro-batch, rewritten in place each step, and the micro-batches viewing their device
-        # copy; a compiled call given the same tensors each time skips re-checking them.
+        # copy: each shape's compiled step is always given the same tensors.
         self._decode_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[MicroBatch]]] = {}
-        self._compiled: set[tuple[int, int]] = set()
         self.steps = itertools.count()
         self.world = world  # rendezvous store and topology, for collecting the FFN ranks' timelines
         self.always_trace = self.tracer.enabled  # started with --trace: record every step
@@ -170,12 +165,11 @@ class AFDModelRunner:
         if self.decode_step is None:
             return self._pipeline(mbs, self._layers, _attention_layer, Flag.DECODE)
         key = (len(mbs), mbs[0].tokens.shape[0])
-        if key not in self._compiled:
-            self._warm_up(mbs)
-            self._compiled.add(key)
-        return self._pipeline(mbs, lambda *a: call_warm(self.decode_step, *a), _attention_layer, Flag.DECODE)
+        if key not in self.decode_step:
+            self._warm_up(key, mbs)
+        return self._pipeline(mbs, lambda *a: self.decode_step(key, *a), _attention_layer, Flag.DECODE)
 
-    def _warm_up(self, mbs: list[MicroBatch]) -> None:
+    def _warm_up(self, key: tuple[int, int], mbs: list[MicroBatch]) -> None:
         """Compiles the step for these shapes on loopback links and the scratch slot only, before
         its header goes out, and has the FFN ranks compile their round meanwhile (a COMPILE
         request): otherwise each side would wait through the other's compilation (tens of
@@ -193,7 +187,7 @@ class AFDModelRunner:
 
         with heartbeat(beat), self.endpoint.loopback(self.model.cfg.hidden_size,
                                                      self.model.embed_tokens.weight.dtype, self.device):
-            self.decode_step(mbs, _attention_layer)
+            self.decode_step(key, mbs, _attention_layer)
         for mb, slots in zip(mbs, saved):
             mb.write_slots.copy_(slots)
 

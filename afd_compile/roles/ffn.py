@@ -14,12 +14,11 @@ import logging
 import time
 
 import torch
-import torch._dynamo
 import torch.distributed as dist
 
-from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, heartbeat
+from afd_compile.connector.base import AFDConnector, Flag, Kind, heartbeat
 from afd_compile.connector.ops import Endpoint
-from afd_compile.engine.model_runner import call_warm, compile_options
+from afd_compile.engine.model_runner import CompiledPerShape
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer
@@ -31,7 +30,7 @@ IDLE_BACKOFF_S = (0.0005, 0.02)  # an all-idle round waits this long, doubling u
 
 class FFNWorker:
     def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None,
-                 compile_decode: bool = False, batch_buckets: tuple[int, ...] = ()):
+                 compile_decode: bool = False):
         self.model, self.world, self.connector = model, world, connector
         self.peers = list(range(len(world.topology.attention_peers(world.rank))))
         self.tracer = tracer or Tracer(f"ffn {world.rank}", world.global_rank)
@@ -44,13 +43,8 @@ class FFNWorker:
         # graph per tuple of micro-batch row counts, as on the attention side. Expert
         # parallelism's all-to-alls stay eager, so only a rank holding every expert compiles.
         self.decode_round = None
-        self._compiled: set[tuple[int, ...]] = set()
-        self._first_link = torch.empty(0, dtype=self.dtype, device=self.device)
         if compile_decode and world.topology.num_ffn == 1:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       len(batch_buckets) * len(self.peers) * MAX_MICRO_BATCHES + 1)
-            self.decode_round = torch.compile(self._round, dynamic=False, fullgraph=True,
-                                              options=compile_options(self.device))
+            self.decode_round = CompiledPerShape(self._round, "ffn_round", self.device)
 
     def _agree(self, m: int, trace: int, dump: int) -> tuple[int, int, int]:
         """The FFN ranks' common round: most micro-batches, and whether any peer asked for a
@@ -117,17 +111,17 @@ class FFNWorker:
             self.endpoint.start(step, plan)
             self._call(self._round, rows)
             return
-        if rows not in self._compiled:
+        if rows not in self.decode_round:
             # A shape no COMPILE request announced (several peers' micro-batches together): the
             # peers wait through the compilation, within their connector timeout.
             self._compile(rows)
         self.endpoint.start(step, plan)
-        self._call(lambda *a: call_warm(self.decode_round, *a), rows)
+        self._call(lambda r: self.decode_round(r, r), rows)
 
     def _compile_for(self, peer: int, rows: tuple[int, ...]) -> None:
         """A COMPILE request: compiles the decode round of these rows, telling the peer BUSY
         every second meanwhile."""
-        if self.decode_round is not None and rows not in self._compiled:
+        if self.decode_round is not None and rows not in self.decode_round:
             with heartbeat(lambda: self.connector.send_ack(peer, Kind.BUSY)):
                 self._compile(rows)
 
@@ -135,23 +129,21 @@ class FFNWorker:
         """Compiles (and runs once) the decode round of these rows on loopback links."""
         self.endpoint.start(0, [[(0, n)] for n in rows])
         with self.endpoint.loopback(self.hidden, self.dtype, self.device):
-            self.decode_round(rows, self._first_link)
-        self._compiled.add(rows)
+            self.decode_round(rows, rows)
 
     def _call(self, round_fn, rows: tuple[int, ...]) -> None:
         try:
-            round_fn(rows, self._first_link)
+            round_fn(rows)
         except Exception:
             self.endpoint.raise_error()  # a transfer failed inside the graph: its own error
             raise
 
-    def _round(self, rows: tuple[int, ...], link: torch.Tensor) -> torch.Tensor:
+    def _round(self, rows: tuple[int, ...]) -> torch.Tensor:
         """Every layer for every micro-batch (rows[k] tokens each) in the attention side's
         ping-pong order. Free of Python side effects, so it compiles into one graph: the transfers
-        are ops, each taking the previous one's result (`link`) so they keep this order. The
-        first link is an argument, not made here: call_warm tells compiled rounds apart by
-        their tensor arguments, and refuses a graph whose only tensors are module weights."""
+        are ops, each taking the previous one's result (`link`) so they keep this order."""
         ep = self.endpoint.id
+        link = torch.empty(0, dtype=self.dtype, device=self.device)
         for layer, ffn_half in enumerate(self.model.ffn_halves):
             for k, n in enumerate(rows):
                 if n:

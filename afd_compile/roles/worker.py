@@ -94,8 +94,7 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
                 set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
             connector = _connector(afd, world, hf, engine_cfg)
             try:
-                FFNWorker(model, world, connector, tracer, compile_decode=not engine_cfg.enforce_eager,
-                          batch_buckets=engine_cfg.batch_buckets).run()
+                FFNWorker(model, world, connector, tracer, compile_decode=not engine_cfg.enforce_eager).run()
                 return sum(p.numel() for p in model.parameters())
             except RuntimeError as e:  # a ConnectorError or a gloo error: a peer died
                 log.warning("ffn rank %d: generation %s broke (%s); waiting for the next one", afd.rank,
