@@ -75,3 +75,25 @@ def test_compiled_and_eager_give_the_same_greedy_tokens(compiled, tiny_greedy_ch
     with torch._dynamo.config.patch(error_on_recompile=True):
         alone = [engine.generate([p], params([m]))[0].token_ids for p, m in zip(PROMPTS, MAX_TOKENS)]
     assert alone == [c.token_ids for c in want]
+
+
+def test_each_shape_key_gets_its_own_graph_and_counts_once_compiled():
+    """CompiledPerShape (the decode steps' dispatcher): one graph per key, none again for a key's
+    later calls (fail_on_recompile), and a key whose first call failed is not counted compiled."""
+    from afd_compile.engine.model_runner import CompiledPerShape
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 5:
+            raise ValueError("no graph for 5 rows")
+        return x * 2 + 1
+
+    steps = CompiledPerShape(step, "step", torch.device("cpu"))
+    before = graphs()
+    a, b = torch.arange(4.0), torch.arange(6.0)
+    assert torch.equal(steps((4,), a), a * 2 + 1) and torch.equal(steps((6,), b), b * 2 + 1)
+    assert graphs() - before == 2 and (4,) in steps and (6,) in steps
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(steps((4,), a + 1), a * 2 + 3)
+    with pytest.raises(Exception, match="no graph for 5 rows"):
+        steps((5,), torch.arange(5.0))
+    assert (5,) not in steps
