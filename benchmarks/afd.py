@@ -38,7 +38,7 @@ import torch
 from afd_compile.errors import AfdError
 from afd_compile.planner import Profile, at, fit_line, step_time
 
-from benchmarks.monolithic import WARMUP_TOKENS, EngineBackend, _batch_sizes, _prompts
+from benchmarks.monolithic import EngineBackend, _batch_sizes, _prompts
 from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_json
 
 SCENARIO = "afd"
@@ -141,7 +141,7 @@ def _drive(commands, results, backend, prompts, steps: int, idle=None) -> None:
         what, b = request
         try:
             if what == "warm":
-                backend.warm_up(prompts[:b])
+                backend.warm_up(prompts[:b], steps)
                 results.put(("ok", {}))
                 continue
             out = {"step_times": backend.measure(prompts[:b], steps).step_times}

@@ -46,7 +46,7 @@ SCENARIO = "monolithic"
 BACKENDS = ("compiled", "eager", "transformers")
 DEFAULT_MAX_MODEL_LEN = 128
 DEFAULT_REPEATS = 3
-WARMUP_TOKENS = 3  # prefill + 2 decode steps: the first compiles the bucket, the second runs it
+WARMUP_TOKENS = 3  # transformers: prefill + 2 decode steps, the second running what the first set up
 
 
 def _parse_list(text: str, name: str) -> list[str]:
@@ -133,10 +133,10 @@ class EngineBackend:
             model=args.model, enforce_eager=name == "eager", max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device))
 
-    def warm_up(self, prompts: list[list[int]]) -> float:
-        """A short run of this batch size: compiles its decode bucket (compiled)."""
+    def warm_up(self, prompts: list[list[int]], steps: int) -> float:
+        """A run as long as the measured ones: compiles every (batch, context) bucket they reach."""
         t0 = time.perf_counter()
-        self.measure(prompts, WARMUP_TOKENS)
+        self.measure(prompts, steps)
         return time.perf_counter() - t0
 
     def measure(self, prompts: list[list[int]], steps: int, on_decode=None) -> Run:
@@ -174,9 +174,9 @@ class TransformersBackend:
         self.model = DeepseekV2ForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(self.device).eval()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def warm_up(self, prompts: list[list[int]]) -> float:
+    def warm_up(self, prompts: list[list[int]], steps: int) -> float:
         t0 = time.perf_counter()
-        self.measure(prompts, WARMUP_TOKENS)
+        self.measure(prompts, min(steps, WARMUP_TOKENS))
         return time.perf_counter() - t0
 
     def measure(self, prompts: list[list[int]], steps: int) -> Run:
@@ -238,7 +238,7 @@ def run(args) -> dict:
         backends[name] = TransformersBackend(args, tokenizer) if name == "transformers" else EngineBackend(name, args)
         load_s[name] = time.perf_counter() - t0
         for b in batch_sizes:
-            warmup_s[name, b] = backends[name].warm_up(prompts[:b])
+            warmup_s[name, b] = backends[name].warm_up(prompts[:b], steps)
         print(f"  {name}: loaded in {load_s[name]:.1f} s, warmed up in "
               f"{sum(warmup_s[name, b] for b in batch_sizes):.1f} s", flush=True)
     # Interleaved, so a burst of other load on the machine hits every backend alike; the order of

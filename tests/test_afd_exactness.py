@@ -22,9 +22,9 @@ FULL = [(t, m, c) for t in ("1A1F", "1A2F", "2A1F", "2A2F", "3A2F") for m in (1,
 IDS = lambda cases: [f"{t}-m{m}-{c}" for t, m, c in cases]  # noqa: E731
 
 
-def monolithic_tokens(model_dir) -> list[list[int]]:
+def monolithic_tokens(model_dir, prompts=PROMPTS) -> list[list[int]]:
     engine = LLMEngine(EngineConfig(model=model_dir, enforce_eager=True, max_num_seqs=8, max_model_len=96))
-    return [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
+    return [c.token_ids for c in engine.generate(prompts, GREEDY)]
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +94,15 @@ def test_each_rank_holds_only_its_weights(tiny_reference):
 def test_compiled_afd_matches_monolithic(tiny_reference, afd_size):
     """The torch.compile'd decode of the attention ranks and of the FFN rank (one graph per
     rank per step shape: 2A1F's FFN rank sees both peers' micro-batches at once) gives the
-    tokens of eager monolithic. In 1A1F the connector timeout is shorter than a cold
-    compilation on 2 cores: the ranks keep each other posted while they compile. (2A1F's FFN
-    rank compiles its two peers' micro-batches together on demand, within the timeout.)"""
-    model_dir, expected = tiny_reference
-    out = run_afd(model_dir, afd_size, PROMPTS, GREEDY, micro_batches=2, enforce_eager=False, batch_buckets=(4,),
+    tokens of eager monolithic, also once the longest sequence outgrows the 64-position context
+    bucket (a new attention graph mid-generation). In 1A1F the connector timeout is shorter than
+    a cold compilation on 2 cores: the ranks keep each other posted while they compile. (2A1F's
+    FFN rank compiles its two peers' micro-batches together on demand, within the timeout.)"""
+    model_dir = tiny_reference[0]
+    prompts = [*PROMPTS, [1, 5, *range(100, 156), 6]]  # 59 tokens + 12 new: past 64
+    out = run_afd(model_dir, afd_size, prompts, GREEDY, micro_batches=2, enforce_eager=False, batch_buckets=(4,),
                   connector_timeout=8 if afd_size == "1A1F" else 60)
-    assert out["tokens"] == expected
+    assert out["tokens"] == monolithic_tokens(model_dir, prompts)
 
 
 @pytest.mark.parametrize("afd_size,m,connector", [("1A1F", 2, "shm"), ("2A1F", 3, "gloo")],

@@ -97,3 +97,11 @@ def test_each_shape_key_gets_its_own_graph_and_counts_once_compiled():
     with pytest.raises(Exception, match="no graph for 5 rows"):
         steps((5,), torch.arange(5.0))
     assert (5,) not in steps
+
+
+def test_context_buckets_double_from_64_up_to_the_context_length():
+    from afd_compile.engine.model_runner import context_bucket, context_buckets
+
+    assert context_buckets(32) == (32,) and context_buckets(96) == (64, 96)
+    assert context_buckets(512) == (64, 128, 256, 512)
+    assert [context_bucket(n, 512) for n in (1, 64, 65, 300, 512)] == [64, 64, 128, 512, 512]

@@ -91,7 +91,8 @@ def our_greedy(path, prompts: list[list[int]], n: int = NEW_TOKENS, **config) ->
 
 # Lengths: one token, short, and one past yarn's original_max_position_embeddings (64).
 LENGTHS = [5, 70, 1, 12]
-GEN_LENGTHS = [3, 17, 1, 9]
+# With NEW_TOKENS, the 40-token prompt's decode crosses from the 64-position context bucket to 96.
+GEN_LENGTHS = [3, 40, 1, 9]
 
 
 # ---------------------------------------------------------------- tiny random checkpoints
@@ -166,16 +167,18 @@ def test_greedy_tokens_match_transformers(tiny_checkpoint):
 def test_compiled_decode_matches_eager(tiny_greedy_checkpoint):
     """Oracle: the eager engine (itself checked against transformers above). torch.compile'd decode
     for one batch bucket produces identical greedy tokens, also while the batch shrinks below the
-    bucket as requests finish (padded rows on the scratch slot)."""
+    bucket as requests finish (padded rows on the scratch slot) and when the longest sequence
+    outgrows the 64-position context bucket (one graph per context bucket)."""
     hf = hf_model(tiny_greedy_checkpoint)
-    prompts = random_prompts(hf.config.vocab_size, [3, 17, 1], seed=4)
+    prompts = random_prompts(hf.config.vocab_size, [3, 50, 1], seed=4)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (NEW_TOKENS, 20, 8)]
     engines = {eager: LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=eager, max_num_seqs=4,
                                              max_model_len=MAX_MODEL_LEN, batch_buckets=(4,)))
                for eager in (True, False)}
     tokens = {eager: [c.token_ids for c in e.generate(prompts, params)] for eager, e in engines.items()}
     assert tokens[False] == tokens[True]
-    assert tokens[True][0] == hf_greedy(hf, prompts[0])
+    assert tokens[True][:2] == [hf_greedy(hf, prompts[0]), hf_greedy(hf, prompts[1], 20)]
+    assert set(engines[False].runner.decode_steps.compiled) == {(4, 64), (4, MAX_MODEL_LEN)}
 
 
 @pytest.mark.slow

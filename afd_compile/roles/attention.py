@@ -27,7 +27,7 @@ import torch
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
-from afd_compile.engine.model_runner import CompiledPerShape, compile_options
+from afd_compile.engine.model_runner import CompiledPerShape, compile_options, context_bucket
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -78,7 +78,7 @@ class AFDModelRunner:
             self.decode_attention = torch.compile(_attention_layer, dynamic=False, fullgraph=True,
                                                   options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
-        else:  # one graph per decode shape: (micro-batch count, bucket)
+        else:  # one graph per decode shape: (micro-batch count, bucket, context bucket)
             self.decode_step = CompiledPerShape(self._layers, "attention_step", self.device)
         # Per (micro-batch count, bucket): the host rows (token, position, cache slot) of every
         # micro-batch, rewritten in place each step, and the micro-batches viewing their device
@@ -122,7 +122,8 @@ class AFDModelRunner:
         return MicroBatch(*tensors, n_ctx=n_ctx, rows=b, sent=sent.to(self.device))
 
     def _decode_batch(self, seqs: list[Sequence]) -> list[MicroBatch]:
-        """The step's micro-batches, each padded to one bucket (padding rows on the scratch slot)."""
+        """The step's micro-batches, each padded to one bucket (padding rows on the scratch slot),
+        all attending over the context bucket of the longest sequence."""
         size = self.config.bucket(math.ceil(len(seqs) / self.micro_batches))
         m = math.ceil(len(seqs) / size)
         if (m, size) not in self._decode_inputs:
@@ -136,9 +137,11 @@ class AFDModelRunner:
         staged = host.numpy()  # plain stores, no torch op per field
         staged[:, 2] = self.scratch
         staged[:, :2] = 0
+        n_ctx = context_bucket(max(len(s) for s in seqs), self.max_model_len)
         for k, mb in enumerate(mbs):
             part = seqs[k * size : (k + 1) * size]
             n = mb.rows = len(part)
+            mb.n_ctx = n_ctx
             staged[k, 0, :n] = [s.last_token_id for s in part]
             staged[k, 1, :n] = [len(s) - 1 for s in part]
             staged[k, 2, :n] = [s.slot for s in part]
@@ -164,12 +167,12 @@ class AFDModelRunner:
             return self.decode_graphs(mbs)
         if self.decode_step is None:
             return self._pipeline(mbs, self._layers, _attention_layer, Flag.DECODE)
-        key = (len(mbs), mbs[0].tokens.shape[0])
+        key = (len(mbs), mbs[0].tokens.shape[0], mbs[0].n_ctx)
         if key not in self.decode_step:
             self._warm_up(key, mbs)
         return self._pipeline(mbs, lambda *a: self.decode_step(key, *a), _attention_layer, Flag.DECODE)
 
-    def _warm_up(self, key: tuple[int, int], mbs: list[MicroBatch]) -> None:
+    def _warm_up(self, key: tuple[int, int, int], mbs: list[MicroBatch]) -> None:
         """Compiles the step for these shapes on loopback links and the scratch slot only, before
         its header goes out, and has the FFN ranks compile their round meanwhile (a COMPILE
         request): otherwise each side would wait through the other's compilation (tens of

@@ -1,6 +1,7 @@
 """CUDA graphs for the attention rank's decode step: attention halves, NCCL sends and
 receives (connector/nccl.py, called through connector/ops.py) and lm_head of every
-micro-batch, captured once per decode shape (micro-batch count x bucket) and replayed.
+micro-batch, captured once per decode shape (micro-batch count x bucket x context bucket)
+and replayed.
 
 The runner's persistent decode inputs (one set per shape, rewritten in place each step) are
 the graph's static inputs. Only the step header (token counts) is sent outside the graph,
@@ -18,10 +19,10 @@ from afd_compile.connector.base import Flag, Kind, StepHeader
 class DecodeGraphs:
     def __init__(self, runner, attention):
         self.runner, self.attention = runner, attention
-        self.graphs: dict[tuple[int, int], tuple[list[torch.Tensor], torch.cuda.CUDAGraph]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[list[torch.Tensor], torch.cuda.CUDAGraph]] = {}
 
     def __call__(self, mbs) -> torch.Tensor:
-        key = (len(mbs), mbs[0].tokens.shape[0])
+        key = (len(mbs), mbs[0].tokens.shape[0], mbs[0].n_ctx)
         if key not in self.graphs:
             # One real step first (the FFN ranks answer it): NCCL communicators, cuBLAS
             # workspaces and compiled kernels must exist before capture. Capture runs the step
