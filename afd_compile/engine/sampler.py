@@ -90,7 +90,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits [len(seqs), vocab] fp32."""
         penalised = apply_penalties(logits, seqs)
-        tokens = penalised.argmax(-1)
+        # numpy's argmax: torch's CPU argmax over [B, vocab] takes ~10x as long (30-56 us against
+        # 4 at 32 x 1007, measured), a step's largest host cost after the model.
+        tokens = penalised.numpy().argmax(-1)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             params = [seqs[i].params for i in sampled]
@@ -105,6 +107,6 @@ class Sampler:
             probs = filtered.softmax(-1)
             for row, i in enumerate(sampled):
                 gen = seqs[i].generator or self.generator
-                tokens[i] = torch.multinomial(probs[row], 1, generator=gen)[0]
+                tokens[i] = int(torch.multinomial(probs[row], 1, generator=gen)[0])
         token_list = tokens.tolist()
         return SampleOutput(token_list, _logprobs(logits, seqs, token_list))
