@@ -39,3 +39,38 @@ def test_messages_of_any_size_arrive_intact_and_in_order():
     assert len(received) == len(messages)
     for got, sent in zip(received, messages):
         assert torch.equal(got, sent)
+
+
+def test_the_last_message_of_a_peer_that_left_is_still_read(monkeypatch):
+    """A peer writes its last message (a SHUTDOWN header) and closes the ring while the reader
+    sleeps; the reader's liveness check then finds the ring closed but must read the message, not
+    report the peer gone. A fake clock puts the write exactly before a liveness check."""
+    from afd_compile.connector import shm
+
+    class Clock:
+        t = 0.0
+
+        def monotonic(self):
+            self.t += 0.01
+            return self.t
+
+        def sleep(self, seconds):
+            pass
+
+    clock = Clock()
+    monkeypatch.setattr(shm, "time", clock)
+    ring = Ring(f"afd-test-ring-closed-{os.getpid()}", create=True, size=4096)
+    arrived = []
+
+    def ready():  # the message lands, and the ring closes, just before the check at t = 0.06
+        if not arrived and clock.t >= 0.05:
+            ring.ctrl[shm._CLOSED] = 1
+            arrived.append(True)
+            return False
+        return bool(arrived)
+
+    try:
+        ring._wait(ready, _WRITER, 10.0, "test read")  # returns: nothing raised
+    finally:
+        ring.close()
+    assert arrived

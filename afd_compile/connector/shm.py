@@ -76,7 +76,9 @@ class Ring:
             if now >= next_check:
                 next_check = now + 0.05
                 pid = int(self.ctrl[peer_slot])
-                if self.ctrl[_CLOSED] or (pid and not _alive(pid)):
+                # ready() again: a peer may have written its last message (a SHUTDOWN header, say)
+                # and left while this side slept; what it wrote is still to be read.
+                if (self.ctrl[_CLOSED] or (pid and not _alive(pid))) and not ready():
                     raise ConnectorError(f"{what}: the peer process is gone")
                 if waited > timeout_s:
                     raise ConnectorError(f"{what}: no data from the peer for {timeout_s:.0f} s")
