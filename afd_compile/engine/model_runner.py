@@ -51,6 +51,13 @@ def context_bucket(n: int, max_model_len: int) -> int:
     return next(b for b in context_buckets(max_model_len) if b >= n)
 
 
+def allow_decode_recompiles(config: EngineConfig, max_model_len: int) -> None:
+    """A guarded torch.compile'd decode function specialises once per (batch, context) bucket
+    pair: dynamo's default limit (8) would fall back to eager with more pairs than that."""
+    pairs = len(config.batch_buckets) * len(context_buckets(max_model_len))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, pairs + 1)
+
+
 def _no_guards(entries):
     return [False] * len(entries)
 
@@ -104,10 +111,7 @@ class ModelRunner:
         elif self.device.type == "cpu":
             self.decode_steps = CompiledPerShape(model, "decode", self.device)
         else:
-            # One specialisation per bucket pair; dynamo's default limit (8) would fall back to
-            # eager with more pairs than that.
-            pairs = len(config.batch_buckets) * len(context_buckets(max_model_len))
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, pairs + 1)
+            allow_decode_recompiles(config, max_model_len)
             self.decode_fn = torch.compile(model, dynamic=False, fullgraph=True,
                                            options=compile_options(self.device, cuda_graphs=True))
         self._compiled: set[tuple[int, int]] = set()  # decode bucket pairs compiled so far

@@ -27,7 +27,8 @@ import torch
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
-from afd_compile.engine.model_runner import CompiledPerShape, compile_options, context_bucket
+from afd_compile.engine.model_runner import (CompiledPerShape, allow_decode_recompiles, compile_options,
+                                              context_bucket)
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -73,8 +74,9 @@ class AFDModelRunner:
         elif self.device.type == "cuda":
             from afd_compile.roles.cuda_graph import DecodeGraphs
 
-            # One attention graph per micro-batch bucket, shared by all layers (their weights are
-            # graph inputs), inside a CUDA graph of the whole step.
+            # One attention graph per micro-batch bucket and context bucket, shared by all layers
+            # (their weights are graph inputs), inside a CUDA graph of the whole step.
+            allow_decode_recompiles(config, max_model_len)
             self.decode_attention = torch.compile(_attention_layer, dynamic=False, fullgraph=True,
                                                   options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
