@@ -105,7 +105,7 @@ class ModelRunner:
         model.setup_caches(config.max_num_seqs, max_model_len)
         self.scratch = model.scratch_slot
         self.device = model.embed_tokens.weight.device
-        self.decode_steps = None  # CPU: one unguarded compiled step per bucket
+        self.decode_steps = None  # CPU: one unguarded compiled step per (batch, context) bucket pair
         if config.enforce_eager:
             self.decode_fn = model
         elif self.device.type == "cpu":
