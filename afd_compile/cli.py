@@ -198,6 +198,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model path)")
     p.add_argument("--console", action="store_true",
                    help="also mount the web console at /console (local use: it can start processes)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every decode shape (batch x context bucket) before serving, as vLLM captures its "
+                        "graphs at start-up; else each compiles on first use, stalling that request")
     _restart_args(p)
 
 
@@ -209,13 +212,13 @@ def cmd_serve(args) -> None:
 
     if args.afd_size is None:
         serve(_engine_config(args), None, args.host, args.port, args.api_key, args.served_model_name, args.log_level,
-              args.console)
+              args.console, args.warmup)
         return
     if args.role is not None and parse_role(args.role) != "attention":
         raise AfdError("afd serve runs attention ranks; start FFN ranks with `afd ffn`")
     if args.rank is not None:
         serve(_engine_config(args), _afd_config(args, "attention", args.rank), args.host, args.port, args.api_key,
-              args.served_model_name, args.log_level, args.console)
+              args.served_model_name, args.log_level, args.console, args.warmup)
         return
     _supervise(args, roles=("attention",))
 
@@ -232,6 +235,7 @@ def cmd_launch(args) -> None:
 def _server_argv(args) -> list[str]:
     """The API flags of this invocation, for the attention ranks it starts."""
     argv = ["--host", args.host, "--port", str(args.port)] + (["--console"] if args.console else [])
+    argv += ["--warmup"] if args.warmup else []
     return argv + (["--served-model-name", args.served_model_name] if args.served_model_name else [])
 
 

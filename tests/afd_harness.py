@@ -19,7 +19,7 @@ from afd_compile.roles.rendezvous import free_port
 
 
 def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict, prompts, params, port: int,
-               results) -> None:
+               results, warm_up: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
@@ -33,19 +33,26 @@ def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict,
         from afd_compile.roles.worker import attention_engine
 
         engine, _ = attention_engine(engine_cfg, afd)
+        if warm_up:
+            engine.warm_up()
+        steps = engine.runner.decode_step
+        warm = set(steps.compiled) if steps is not None else set()
         mine = list(range(rank, len(prompts), afd.topology.num_attention))
         outs = engine.generate([prompts[i] for i in mine], params) if mine else []
         param_counts = sum(p.numel() for p in engine.model.parameters())
         engine.runner.shutdown()
         leave()
-        results.put((role, rank, {"tokens": {i: o.token_ids for i, o in zip(mine, outs)}, "params": param_counts}))
+        results.put((role, rank, {"tokens": {i: o.token_ids for i, o in zip(mine, outs)}, "params": param_counts,
+                                  "warm": warm, "compiled": set(steps.compiled) - warm if steps is not None else set()}))
     except BaseException:
         results.put((role, rank, {"error": traceback.format_exc()}))
 
 
 def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, micro_batches: int = 1,
-            timeout_s: float = 240, **afd_kwargs) -> dict:
-    """Greedy AFD generation: returns {"tokens": [token ids per prompt], "params": {(role, rank): count}}."""
+            timeout_s: float = 240, warm_up: bool = False, **afd_kwargs) -> dict:
+    """Greedy AFD generation: returns {"tokens": [token ids per prompt], "params": {(role, rank): count},
+    "warm": {attention rank: compiled step shapes before the requests (after warm_up)}, "compiled":
+    {attention rank: step shapes compiled while serving them}}."""
     # CUDA cannot be used in a child forked after the parent touched it: spawn for GPU runs.
     ctx = mp.get_context("spawn" if str(afd_kwargs.get("device", "cpu")).startswith("cuda") else "fork")
     results = ctx.Queue()
@@ -58,7 +65,7 @@ def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, mic
                **afd_kwargs)
     topo = AFDConfig(**afd).topology
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(role, r, engine_cfg, afd, prompts, params, port, results))
+    procs = [ctx.Process(target=_rank_main, args=(role, r, engine_cfg, afd, prompts, params, port, results, warm_up))
              for role in ("ffn", "attention") for r in range(topo.num_ranks(role))]
     for p in procs:
         p.start()
@@ -78,5 +85,8 @@ def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, mic
     for (role, _), payload in collected.items():
         if role == "attention":
             tokens.update(payload["tokens"])
+    attention = {rank: payload for (role, rank), payload in collected.items() if role == "attention"}
     return {"tokens": [tokens[i] for i in range(len(prompts))],
-            "params": {k: v["params"] for k, v in collected.items()}}
+            "params": {k: v["params"] for k, v in collected.items()},
+            "warm": {r: p["warm"] for r, p in attention.items()},
+            "compiled": {r: p["compiled"] for r, p in attention.items()}}

@@ -105,6 +105,20 @@ def test_compiled_afd_matches_monolithic(tiny_reference, afd_size):
     assert out["tokens"] == monolithic_tokens(model_dir, prompts)
 
 
+def test_warm_up_compiles_every_afd_step_shape_before_any_request(tiny_reference):
+    """An attention rank's warm_up (`afd serve --warmup`) compiles its step for every micro-batch
+    split and context bucket (and the FFN rank its rounds) through the live links: the requests
+    afterwards compile nothing, and their tokens are eager monolithic's."""
+    model_dir = tiny_reference[0]
+    prompts = [*PROMPTS, [1, 5, *range(100, 156), 6]]
+    out = run_afd(model_dir, "1A1F", prompts, GREEDY, micro_batches=2, enforce_eager=False, batch_buckets=(4,),
+                  warm_up=True)
+    # 1..8 sequences in micro-batches of 4 rows: one or two of them, over 64 or 96 positions
+    assert out["warm"][0] == {(m, 4, ctx) for m in (1, 2) for ctx in (64, 96)}
+    assert out["compiled"][0] == set()
+    assert out["tokens"] == monolithic_tokens(model_dir, prompts)
+
+
 @pytest.mark.parametrize("afd_size,m,connector", [("1A1F", 2, "shm"), ("2A1F", 3, "gloo")],
                          ids=IDS([("1A1F", 2, "shm"), ("2A1F", 3, "gloo")]))
 def test_injected_link_delay_keeps_tokens(tiny_reference, afd_size, m, connector):

@@ -105,3 +105,21 @@ def test_context_buckets_double_from_64_up_to_the_context_length():
     assert context_buckets(32) == (32,) and context_buckets(96) == (64, 96)
     assert context_buckets(512) == (64, 128, 256, 512)
     assert [context_bucket(n, 512) for n in (1, 64, 65, 300, 512)] == [64, 64, 128, 512, 512]
+
+
+def test_warm_up_compiles_every_decode_shape_before_any_request(tiny_greedy_checkpoint):
+    """LLMEngine.warm_up compiles each (batch bucket, context bucket) pair up front: requests
+    that then cross every bucket (batch 4 down to 1, context past 64) compile nothing more,
+    and their tokens are the eager engine's (the warm-up wrote only the scratch slot)."""
+    config = dict(model=tiny_greedy_checkpoint, max_num_seqs=4, batch_buckets=(2, 4), max_model_len=96)
+    engine = LLMEngine(EngineConfig(**config))
+    engine.warm_up()
+    assert set(engine.runner.decode_steps.compiled) == {(b, c) for b in (2, 4) for c in (64, 96)}
+    prompts = [*PROMPTS[:3], " ".join(str(i) for i in range(60))]  # 60 numbers + 12 new: past 64 tokens
+    max_tokens = [2, 9, 5, 12]
+    assert len(engine.tokenizer(prompts[3])["input_ids"]) + max_tokens[3] > 64
+    before = graphs()
+    got = engine.generate(prompts, params(max_tokens))
+    assert graphs() == before
+    want = LLMEngine(EngineConfig(enforce_eager=True, **config)).generate(prompts, params(max_tokens))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]

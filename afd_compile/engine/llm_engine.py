@@ -5,17 +5,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 from afd_compile.config import EngineConfig
 from afd_compile.engine.detokenizer import IncrementalDetokenizer
-from afd_compile.engine.model_runner import ModelRunner
+from afd_compile.engine.model_runner import ModelRunner, context_buckets
 from afd_compile.engine.sampler import Sampler
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.scheduler import ScheduledBatch, Scheduler
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.loader import load_model, load_tokenizer
+
+log = logging.getLogger("afd.engine")
 
 
 @dataclass
@@ -72,6 +76,24 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
+
+    def warm_up(self) -> None:
+        """Compiles (on CUDA, captures) the decode step of every batch size and context bucket
+        now, as vLLM captures its CUDA graphs at start-up: otherwise the first step of each new
+        (batch, context) bucket pair waits for its compilation mid-request (15-20 s each on
+        CPU; ~1 s once inductor's on-disk cache holds it). Every step runs through the runner's
+        own decode (an AFD rank's FFN ranks compile their side too), with every row on the KV
+        cache's scratch slot, so no sequence's cache changes. Nothing to do with enforce_eager."""
+        if self.config.enforce_eager:
+            return
+        start = time.monotonic()
+        for n_ctx in context_buckets(self.max_model_len):
+            prompt = [0] * n_ctx  # a decode over sequences this long attends over n_ctx positions
+            # Every batch size, not only the buckets: an AFD rank cuts a batch into micro-batches
+            # by its size. An already compiled shape replays in milliseconds.
+            for n in range(1, self.config.max_num_seqs + 1):
+                self.runner.decode([Sequence(prompt, SamplingParams(), slot=self.runner.scratch) for _ in range(n)])
+            log.info("warm-up: decode steps over %d positions ready (%.0f s so far)", n_ctx, time.monotonic() - start)
 
     # ---- the step
     def step(self) -> list[Sequence]:

@@ -19,15 +19,22 @@ log = logging.getLogger("afd.serve")
 SHUTDOWN_GRACE_S = 30
 
 
-def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None) -> tuple[AsyncEngine, str]:
+def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool = False
+                      ) -> tuple[AsyncEngine, str]:
+    """warmup: compiles every decode shape before the engine thread starts (see LLMEngine.warm_up)."""
     metrics = Metrics()
     if afd is None:
         from afd_compile.engine.llm_engine import LLMEngine
 
-        return AsyncEngine(LLMEngine(engine_cfg), metrics=metrics), "monolithic"
+        engine = LLMEngine(engine_cfg)
+        if warmup:
+            engine.warm_up()
+        return AsyncEngine(engine, metrics=metrics), "monolithic"
     from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
 
     engine, tracer = attention_engine(engine_cfg, afd)
+    if warmup:
+        engine.warm_up()
     runner = engine.runner
     runner.wait_observer = lambda layer, seconds: metrics.connector_latency.labels(str(layer)).observe(seconds)
 
@@ -36,8 +43,8 @@ def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None) -> tuple[
 
 
 def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,
-          served_model_name: str | None, log_level: str, console: bool = False) -> None:
-    async_engine, backend = make_async_engine(engine_cfg, afd)
+          served_model_name: str | None, log_level: str, console: bool = False, warmup: bool = False) -> None:
+    async_engine, backend = make_async_engine(engine_cfg, afd, warmup)
     name = served_model_name or str(engine_cfg.model)
     app = build_app(async_engine, name, api_key, async_engine.engine.max_model_len, backend)
     if console:  # opt-in: gradio is a heavy import every other server should not pay
