@@ -137,9 +137,10 @@ def test_injected_link_delay_holds_each_message_back():
 
     from afd_compile.connector.delay import DelayedConnector, _stamped
 
-    conn = DelayedConnector(None, 2000, 8, torch.float32)
-    x = torch.randn(3, 8)
-    t0 = time.monotonic()
-    y = conn._arrive(_stamped(x))
-    assert time.monotonic() - t0 >= 2e-3
-    assert torch.equal(y, x)
+    for dtype in (torch.float32, torch.bfloat16):
+        conn = DelayedConnector(None, 2000, 8, dtype)
+        x = torch.randn(3, 8).to(dtype)
+        t0 = time.monotonic()
+        y = conn._arrive(_stamped(x))
+        assert time.monotonic() - t0 >= 2e-3
+        assert y.dtype == dtype and torch.equal(y, x)
