@@ -329,11 +329,17 @@ def run(args) -> dict:
             tf = statistics.fmean(at(line, overlap_batch / m) for line in profile.ffn)
             # step time without / with the delay = tok/s with / without it, paired round by round
             eff, lo, hi = _paired_ratio(cmp[d][overlap_batch], cmp[0][overlap_batch])
+            # A decode step waits the whole delay twice whatever m is: its first send (nothing
+            # is in flight yet) and its last receive (the logits need it). So t0 / (t0 + 2 delay)
+            # is the most a step that starts only once the previous one has ended can reach.
+            bound = t0 / (t0 + 2 * d * 1e-6)
             overlap.append({"delay_us": d, "micro_batches": m, "batch": overlap_batch, "step_ms": t0 * 1e3,
                             "step_ms_delayed": t1 * 1e3, "efficiency": eff, "efficiency_range": [lo, hi],
+                            "step_bound": bound,
                             "ffn_us_per_micro_batch": tf * 1e6, "megascale_condition": m >= 2 * (1 + d * 1e-6 / tf)})
             measured.append((overlap_batch, m, d, t1))
-            print(f"  delay {d} us m={m}: efficiency {eff:.2f} ({lo:.2f}-{hi:.2f} over rounds)", flush=True)
+            print(f"  delay {d} us m={m}: efficiency {eff:.2f} ({lo:.2f}-{hi:.2f} over rounds; bound {bound:.2f})",
+                  flush=True)
     overlap.sort(key=lambda o: (o["delay_us"], o["micro_batches"]))
 
     comparison = []
@@ -368,7 +374,10 @@ def run(args) -> dict:
     if overlap:
         print("\noverlap efficiency (step without delay / with it), batch", overlap_batch)
         print(format_table(["delay us", *(f"m={m}" for m in m_values)],
-                           [[d, *(o["efficiency"] for o in overlap if o["delay_us"] == d)] for d in delays]))
+                           [[d, *(f"{o['efficiency']:.2f} ({o['step_bound']:.2f})" for o in overlap if o["delay_us"] == d)]
+                            for d in delays]))
+        print("(in brackets: t0 / (t0 + 2 delay), the bound of a step that pays the delay on its first send and "
+              "last receive)")
     errs = [abs(c["error"]) for c in comparison]
     print(f"\ncost model: {sum(e <= 0.15 for e in errs)}/{len(errs)} configurations within 15% "
           f"(out of sample: {sum(abs(c['error']) <= 0.15 for c in comparison if not c['in_sample'])}/"
@@ -397,7 +406,10 @@ def _plot(result: dict, path) -> None:
     axes[0].legend(fontsize=7)
     for d in cfg["delays_us"]:
         rows = [o for o in result["overlap"] if o["delay_us"] == d]
-        axes[1].plot([o["micro_batches"] for o in rows], [o["efficiency"] for o in rows], marker="o", label=f"{d} us")
+        line, = axes[1].plot([o["micro_batches"] for o in rows], [o["efficiency"] for o in rows], marker="o",
+                             label=f"{d} us")
+        axes[1].plot([o["micro_batches"] for o in rows], [o["step_bound"] for o in rows], color=line.get_color(),
+                     linestyle="--", label=f"{d} us: step bound")
     axes[1].axhline(0.9, color="grey", linestyle=":")
     axes[1].set(xlabel="micro-batches m", ylabel="overlap efficiency", ylim=(0, 1.1),
                 title=f"injected link delay, batch {cfg['overlap_batch']}")

@@ -107,6 +107,7 @@ def test_afd_scenario_measures_predicts_and_writes_a_profile(tiny_greedy_checkpo
     assert row["afd_vs_monolithic"] == pytest.approx(max(row[f"1A1F_m{m}_tok_s"] for m in (1, 2)) / row["monolithic_tok_s"])
     assert [(o["delay_us"], o["micro_batches"]) for o in result["overlap"]] == [(100, 1), (100, 2)]
     assert all(o["efficiency"] > 0 for o in result["overlap"])
+    assert all(o["step_bound"] == pytest.approx(o["step_ms"] / (o["step_ms"] + 0.2)) for o in result["overlap"])
     assert len(result["model_vs_measured"]) == 4 and all(c["predicted_ms"] > 0 for c in result["model_vs_measured"])
     assert out.with_suffix(".png").stat().st_size > 0
     capsys.readouterr()
