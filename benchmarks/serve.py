@@ -29,8 +29,9 @@ from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_jso
 def _start(deployment: str, args, port: int) -> subprocess.Popen:
     common = ["--model", str(args.model), "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
               "--max-model-len", str(args.max_model_len or 128)]
-    if args.enforce_eager:
-        common.append("--enforce-eager")
+    # Compiled: every decode shape before the first request, else the first step of each new
+    # (batch, context) pair would wait for its compilation inside the measurement.
+    common.append("--enforce-eager" if args.enforce_eager else "--warmup")
     if deployment == "monolithic":
         argv = ["serve", *common]
     else:
@@ -41,7 +42,9 @@ def _start(deployment: str, args, port: int) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+def _wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 1800) -> None:
+    """Up to 30 minutes: a compiled server compiles all its decode shapes first (minutes on CPU
+    with a cold inductor cache)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -31,6 +31,21 @@ def test_compiled_decode_on_cuda_matches_cpu(shipped_model):
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == cpu_tokens(shipped_model)
 
 
+@needs_gpu
+def test_warm_up_on_cuda_compiles_every_shape_before_any_request(shipped_model):
+    """On CUDA the decode step is one guarded torch.compile (CUDA graph trees): warm_up compiles
+    and captures each (batch, context) bucket pair, and requests afterwards compile nothing."""
+    from torch._dynamo.utils import counters
+
+    engine = LLMEngine(EngineConfig(model=shipped_model, device="cuda", max_num_seqs=8, max_model_len=96,
+                                    batch_buckets=(4, 8)))
+    engine.warm_up()
+    assert engine.runner._compiled == {(b, ctx) for b in (4, 8) for ctx in (64, 96)}
+    before = counters["stats"]["unique_graphs"]
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == cpu_tokens(shipped_model)
+    assert counters["stats"]["unique_graphs"] == before
+
+
 @needs_two_gpus
 @pytest.mark.parametrize("m", [1, 2])
 def test_afd_nccl_cuda_graph_matches_cpu(shipped_model, m):
