@@ -9,8 +9,11 @@ delay, and the cost model (afd_compile/planner.py) against measurement. `afd ben
   on this VM a configuration's speed drifts by tens of percent between minutes, so ratios of
   each one's fastest round mislead.
 - Overlap: the same 1A1F with `--connector-delay-us d` on every hidden-state message. Overlap
-  efficiency = step time without the delay / step time with it (paired by round likewise): 1.0
-  when ping-pong hides the link entirely. MegaScale-Infer's condition for that is
+  efficiency = step time with the delay connector holding messages 1 ns / step time with it
+  holding them d (paired by round likewise): 1.0 when ping-pong hides the link entirely. The
+  1 ns baseline pays the instrument's own cost (its send-time stamp, a few microseconds a
+  message), so the ratio measures the delay alone; the ratio to the plain 1A1F is in the JSON
+  too. MegaScale-Infer's condition for that is
   m >= 2 (1 + Tc / Tf), Tc the one-way delay and Tf the FFN time of one micro-batch; both are in
   the JSON.
 - Cost model: a profile is fitted from the timelines of 1A1F runs with one micro-batch (plus
@@ -284,6 +287,7 @@ def fit_profile(traced: dict, pingpong: dict, num_layers: int) -> Profile:
 
 
 # ---- the scenario
+INSTRUMENT_US = 1e-3  # the overlap baseline: the delay connector in place, holding each message 1 ns
 def run(args) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -321,26 +325,33 @@ def run(args) -> dict:
         for b in batches:
             measured.append((b, m, 0, statistics.median(afd_runs[m][b]["step_times"])))
     overlap = []
-    for m in m_values:  # each m: without the delay and with each delay, interleaved
-        cmp = _compare(args, cores, prompts, {d: ([overlap_batch], m, d) for d in [0, *delays]})
-        t0 = statistics.median(cmp[0][overlap_batch]["step_times"])
+    for m in m_values:  # each m: plain, the instrument alone, and each delay, interleaved
+        cmp = _compare(args, cores, prompts, {d: ([overlap_batch], m, d) for d in [0, INSTRUMENT_US, *delays]})
+        base = cmp[INSTRUMENT_US][overlap_batch]
+        t0 = statistics.median(base["step_times"])
         for d in delays:
             t1 = statistics.median(cmp[d][overlap_batch]["step_times"])
             tf = statistics.fmean(at(line, overlap_batch / m) for line in profile.ffn)
             # step time without / with the delay = tok/s with / without it, paired round by round
-            eff, lo, hi = _paired_ratio(cmp[d][overlap_batch], cmp[0][overlap_batch])
+            eff, lo, hi = _paired_ratio(cmp[d][overlap_batch], base)
+            plain = _paired_ratio(cmp[d][overlap_batch], cmp[0][overlap_batch])[0]
             # A decode step waits the whole delay twice whatever m is: its first send (nothing
             # is in flight yet) and its last receive (the logits need it). So t0 / (t0 + 2 delay)
             # is the most a step that starts only once the previous one has ended can reach.
             bound = t0 / (t0 + 2 * d * 1e-6)
             overlap.append({"delay_us": d, "micro_batches": m, "batch": overlap_batch, "step_ms": t0 * 1e3,
                             "step_ms_delayed": t1 * 1e3, "efficiency": eff, "efficiency_range": [lo, hi],
-                            "step_bound": bound,
+                            "step_bound": bound, "efficiency_vs_plain": plain,
+                            "instrument_cost": 1 / _paired_ratio(base, cmp[0][overlap_batch])[0] - 1,
                             "ffn_us_per_micro_batch": tf * 1e6, "megascale_condition": m >= 2 * (1 + d * 1e-6 / tf)})
             measured.append((overlap_batch, m, d, t1))
             print(f"  delay {d} us m={m}: efficiency {eff:.2f} ({lo:.2f}-{hi:.2f} over rounds; bound {bound:.2f})",
                   flush=True)
     overlap.sort(key=lambda o: (o["delay_us"], o["micro_batches"]))
+    if overlap:
+        print("  the delay connector's own cost (1 ns delay vs none): "
+              + ", ".join(f"m={o['micro_batches']} {o['instrument_cost']:+.0%}" for o in overlap
+                          if o["delay_us"] == delays[0]), flush=True)
 
     comparison = []
     for b, m, d, t in measured:
@@ -372,7 +383,7 @@ def run(args) -> dict:
           + ", ".join(f"B={r['batch']} {lo:.2f}-{hi:.2f}" for r in results for lo, hi in [r["afd_vs_monolithic_range"]])
           + ")")
     if overlap:
-        print("\noverlap efficiency (step without delay / with it), batch", overlap_batch)
+        print("\noverlap efficiency (step with a 1 ns delay / with the delay), batch", overlap_batch)
         print(format_table(["delay us", *(f"m={m}" for m in m_values)],
                            [[d, *(f"{o['efficiency']:.2f} ({o['step_bound']:.2f})" for o in overlap if o["delay_us"] == d)]
                             for d in delays]))

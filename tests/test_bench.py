@@ -108,6 +108,9 @@ def test_afd_scenario_measures_predicts_and_writes_a_profile(tiny_greedy_checkpo
     assert [(o["delay_us"], o["micro_batches"]) for o in result["overlap"]] == [(100, 1), (100, 2)]
     assert all(o["efficiency"] > 0 for o in result["overlap"])
     assert all(o["step_bound"] == pytest.approx(o["step_ms"] / (o["step_ms"] + 0.2)) for o in result["overlap"])
+    # one round: the efficiency against plain 1A1F is the instrumented baseline's share of it
+    for o in result["overlap"]:
+        assert o["efficiency_vs_plain"] == pytest.approx(o["efficiency"] / (1 + o["instrument_cost"]))
     assert len(result["model_vs_measured"]) == 4 and all(c["predicted_ms"] > 0 for c in result["model_vs_measured"])
     assert out.with_suffix(".png").stat().st_size > 0
     capsys.readouterr()
