@@ -288,6 +288,8 @@ def fit_profile(traced: dict, pingpong: dict, num_layers: int) -> Profile:
 
 # ---- the scenario
 INSTRUMENT_US = 1e-3  # the overlap baseline: the delay connector in place, holding each message 1 ns
+
+
 def run(args) -> dict:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -329,6 +331,7 @@ def run(args) -> dict:
         cmp = _compare(args, cores, prompts, {d: ([overlap_batch], m, d) for d in [0, INSTRUMENT_US, *delays]})
         base = cmp[INSTRUMENT_US][overlap_batch]
         t0 = statistics.median(base["step_times"])
+        instrument_cost = 1 / _paired_ratio(base, cmp[0][overlap_batch])[0] - 1
         for d in delays:
             t1 = statistics.median(cmp[d][overlap_batch]["step_times"])
             tf = statistics.fmean(at(line, overlap_batch / m) for line in profile.ffn)
@@ -342,7 +345,7 @@ def run(args) -> dict:
             overlap.append({"delay_us": d, "micro_batches": m, "batch": overlap_batch, "step_ms": t0 * 1e3,
                             "step_ms_delayed": t1 * 1e3, "efficiency": eff, "efficiency_range": [lo, hi],
                             "step_bound": bound, "efficiency_vs_plain": plain,
-                            "instrument_cost": 1 / _paired_ratio(base, cmp[0][overlap_batch])[0] - 1,
+                            "instrument_cost": instrument_cost,
                             "ffn_us_per_micro_batch": tf * 1e6, "megascale_condition": m >= 2 * (1 + d * 1e-6 / tf)})
             measured.append((overlap_batch, m, d, t1))
             print(f"  delay {d} us m={m}: efficiency {eff:.2f} ({lo:.2f}-{hi:.2f} over rounds; bound {bound:.2f})",
