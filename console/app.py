@@ -43,10 +43,10 @@ class Console:
         self.bench = bench.BenchRunner()
 
     # ---- Launch tab
-    def launch(self, model, afd_size, micro_batches, connector, enforce_eager, host, port):
+    def launch(self, model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port):
         """-> (message, status table, commands, chat server URL)"""
         try:
-            spec = LaunchSpec.from_form(model, afd_size, micro_batches, connector, enforce_eager, host, port)
+            spec = LaunchSpec.from_form(model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port)
             self.launcher.start(spec)
         except ConsoleError as e:
             return f"⚠️ {e}", self.status_table(), gr.skip(), gr.skip()
@@ -69,10 +69,10 @@ class Console:
         return self.status_table(), self.launcher.summary(), self.launcher.logs()
 
     # ---- Traces tab
-    def record(self, model, afd_size, micro_batches, connector, enforce_eager, host, port, steps):
+    def record(self, model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port, steps):
         """Generator -> (message, figure, summary markdown, summary table, trace file, trace path)"""
         try:
-            spec = LaunchSpec.from_form(model, afd_size, micro_batches, connector, enforce_eager, host, port)
+            spec = LaunchSpec.from_form(model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port)
             from console import validate
 
             steps = validate.integer(steps, "Decode steps", 1, 256)
@@ -165,6 +165,8 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                     port = gr.Number(8000, precision=0, label="Port (attention rank i: port + i)", elem_id="port")
                     enforce_eager = gr.Checkbox(False, label="--enforce-eager (no torch.compile: starts faster)",
                                                 elem_id="enforce-eager")
+                    warmup = gr.Checkbox(False, label="--warmup (compile every decode shape before serving: no "
+                                         "compile stalls in chats, minutes more to start)", elem_id="warmup")
                 with gr.Row():
                     launch_btn = gr.Button("Launch", variant="primary", elem_id="launch-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -233,7 +235,7 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                 bench_image = gr.Image(label="Plot", type="filepath", elem_id="bench-plot")
                 bench_log = gr.Textbox(label="Output", lines=10, max_lines=10, autoscroll=True, elem_id="bench-log")
 
-        form = [model, afd_size, micro_batches, connector, enforce_eager, host, port]
+        form = [model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port]
         launch_btn.click(c.launch, form, [launch_msg, status, cmds, url])
         stop_btn.click(c.stop, None, [launch_msg, status])
         gr.Timer(1.0).tick(c.tick, None, [status, state_md, logs], show_progress="hidden")

@@ -56,16 +56,17 @@ class LaunchSpec:
     micro_batches: int = 1
     connector: str = "gloo"
     enforce_eager: bool = False
+    warmup: bool = False  # servers compile every decode shape before answering (`afd serve --warmup`)
     host: str = "127.0.0.1"
     port: int = 8000
 
     @classmethod
-    def from_form(cls, model, afd_size, micro_batches, connector, enforce_eager, host, port) -> "LaunchSpec":
+    def from_form(cls, model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port) -> "LaunchSpec":
         """Validates the Launch tab's inputs; raises ConsoleError with a readable message."""
         topology = validate.afd_size(afd_size)
         return cls(model=validate.model_dir(model), topology=topology,
                    micro_batches=validate.integer(micro_batches, "Micro-batches", 1, 16),
-                   connector=validate.connector(connector), enforce_eager=bool(enforce_eager),
+                   connector=validate.connector(connector), enforce_eager=bool(enforce_eager), warmup=bool(warmup),
                    host=validate.host(host),
                    port=validate.port(port, count=topology.num_attention if topology else 1))
 
@@ -84,7 +85,7 @@ class LaunchSpec:
 
     def rank_commands(self) -> list[tuple[str, list[str]]]:
         """(rank name, `afd` arguments) for every rank, FFN ranks first (either side may start first)."""
-        server = ["--host", self.host, "--port", str(self.port)]
+        server = self.server_args()
         if self.topology is None:
             return [("server", ["serve", *self.engine_args(), *server])]
         ranks = [(f"ffn {j}", ["ffn", *self.engine_args(), "--rank", str(j)]) for j in range(self.topology.num_ffn)]
@@ -96,7 +97,10 @@ class LaunchSpec:
         """The one-host equivalent: `afd launch` (or `afd serve` when monolithic)."""
         if self.topology is None:
             return self.rank_commands()[0][1]
-        return ["launch", *self.engine_args(), "--host", self.host, "--port", str(self.port)]
+        return ["launch", *self.engine_args(), *self.server_args()]
+
+    def server_args(self) -> list[str]:
+        return ["--host", self.host, "--port", str(self.port)] + (["--warmup"] if self.warmup else [])
 
     def url(self, attention_rank: int = 0) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host

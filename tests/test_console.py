@@ -20,7 +20,7 @@ from console.validate import ConsoleError
 from tests.conftest import SHIPPED_MODEL
 
 FORM = dict(model=str(SHIPPED_MODEL), afd_size="2A2F", micro_batches=2, connector="shm", enforce_eager=True,
-            host="127.0.0.1", port=8100)
+            warmup=False, host="127.0.0.1", port=8100)
 
 
 def form(**changes):
@@ -75,6 +75,11 @@ def test_rank_commands_are_argument_lists():
     mono = LaunchSpec.from_form(**form(afd_size="monolithic"))
     assert mono.rank_commands() == [("server", ["serve", "--model", str(SHIPPED_MODEL), "--enforce-eager",
                                                 "--host", "127.0.0.1", "--port", "8100"])]
+    # --warmup is the servers' (attention ranks', or afd launch's) flag, not the FFN ranks'
+    warm = LaunchSpec.from_form(**form(enforce_eager=False, warmup=True))
+    assert ["--warmup" in args for _, args in warm.rank_commands()] == [False, False, True, True]
+    assert "--warmup" in warm.launch_args() and "--warmup" in LaunchSpec.from_form(
+        **form(afd_size="monolithic", warmup=True)).launch_args()
 
 
 def test_commands_text_quotes_paths(tmp_path):
