@@ -99,6 +99,33 @@ def test_each_shape_key_gets_its_own_graph_and_counts_once_compiled():
     assert (5,) not in steps
 
 
+def test_a_key_called_again_with_its_tensors_replays_its_graph_without_dynamo():
+    """A decode step is always given the same (persistent) tensors: such a call goes straight to
+    the compiled graph with the inputs dynamo gathered last time, reading their current values
+    and rebuilding the result's structure; a call with other tensors goes through dynamo."""
+    from afd_compile.engine.model_runner import CompiledPerShape
+
+    weight = torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)  # gathered by dynamo, as model weights are
+
+    def step(x: torch.Tensor, scale: int) -> dict:
+        return {"y": [x * weight + scale], "z": x.sum()}
+
+    steps = CompiledPerShape(step, "step", torch.device("cpu"))
+    x = torch.arange(3.0)
+    first = steps((3,), x, 1)
+    compiled, replay = steps.compiled[(3,)]
+    through_dynamo = []
+    steps.compiled[(3,)] = (lambda *args: through_dynamo.append(args) or compiled(*args)), replay
+    x.add_(1)
+    weight.data.mul_(10)
+    again = steps((3,), x, 1)
+    assert through_dynamo == [] and again is not first
+    assert torch.equal(again["y"][0], x * 20 + 1) and again["z"].item() == x.sum().item()
+    other = torch.ones(3)
+    assert torch.equal(steps((3,), other, 1)["y"][0], other * 20 + 1) and len(through_dynamo) == 1
+    assert torch.equal(steps((3,), other, 1)["y"][0], other * 20 + 1) and len(through_dynamo) == 1  # now replayed
+
+
 def test_context_buckets_double_from_64_up_to_the_context_length():
     from afd_compile.engine.model_runner import context_bucket, context_buckets
 
