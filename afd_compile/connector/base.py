@@ -9,6 +9,8 @@ Protocol, per round, between an attention rank and the FFN rank it maps to:
         send_attn_output(h)    ─────────────►     recv_attn_output(peer)
         recv_ffn_output()      ◄─────────────     send_ffn_output(peer, y)
       kind IDLE: nothing follows but an ack    ◄── send_ack(peer)
+        (flag IDLE when no rank had work: the attention rank may then wait for a request
+        before its next header, and the FFN rank waits patiently for it)
       kind COMPILE: the FFN compiles the decode
         round of these token counts, then acks  ◄── BUSY .. BUSY, ACK (BUSY: still compiling)
 
@@ -36,6 +38,7 @@ class Flag(enum.IntFlag):
     TRACE = 1  # FFN ranks record this round on their timeline
     DUMP = 2  # FFN ranks publish their timeline (rendezvous store key afd/trace/<step>/ffn<rank>)
     DECODE = 4  # a decode step: bucketed static shapes, which the FFN ranks run through compiled layers
+    IDLE = 8  # on an ACK: no rank had work this round
 
 
 class Kind(enum.IntEnum):
@@ -91,17 +94,20 @@ class AFDConnector(ABC):
     def recv_reply(self) -> StepHeader:
         """The FFN rank's next reply header (ACK or BUSY)."""
 
-    def recv_ack(self) -> None:
-        """Waits for the FFN rank's ACK; each BUSY before it restarts the wait."""
-        kind = Kind.BUSY
-        while kind is Kind.BUSY:
-            kind = self.recv_reply().kind
-        if kind is not Kind.ACK:
-            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {kind.name}")
+    def recv_ack(self) -> Flag:
+        """Waits for the FFN rank's ACK, each BUSY before it restarting the wait; its flags."""
+        reply = StepHeader(Kind.BUSY)
+        while reply.kind is Kind.BUSY:
+            reply = self.recv_reply()
+        if reply.kind is not Kind.ACK:
+            raise ConnectorError(f"protocol error: expected ACK from the FFN rank, got {reply.kind.name}")
+        return reply.flags
 
     # ---- FFN side (several attention peers)
     @abstractmethod
-    def recv_step(self, peer: int) -> StepHeader: ...
+    def recv_step(self, peer: int, patient: bool = False) -> StepHeader:
+        """The peer's next header. patient: it may be long in coming (no rank had work), so the
+        wait need not poll hard."""
 
     @abstractmethod
     def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor: ...
@@ -110,7 +116,7 @@ class AFDConnector(ABC):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None: ...
 
     @abstractmethod
-    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK, flags: Flag = Flag(0)) -> None:
         """An ACK, or (kind BUSY) word that one follows."""
 
     def flush(self) -> None:

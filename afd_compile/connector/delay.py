@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from afd_compile.connector.base import AFDConnector, Kind, StepHeader
+from afd_compile.connector.base import AFDConnector, Flag, Kind, StepHeader
 
 _SPIN_NS = 150_000  # the end of a delay is spun, not slept: a sleep wakes ~100 us late
 
@@ -67,8 +67,8 @@ class DelayedConnector(AFDConnector):
         return self.inner.recv_reply()
 
     # ---- FFN side
-    def recv_step(self, peer: int) -> StepHeader:
-        return self.inner.recv_step(peer)
+    def recv_step(self, peer: int, patient: bool = False) -> StepHeader:
+        return self.inner.recv_step(peer, patient)
 
     def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor:
         return self._arrive(self.inner.recv_attn_output(peer, tokens + 1, micro_batch))
@@ -76,8 +76,8 @@ class DelayedConnector(AFDConnector):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
         self.inner.send_ffn_output(peer, _stamped(hidden), micro_batch)
 
-    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
-        self.inner.send_ack(peer, kind)
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK, flags: Flag = Flag(0)) -> None:
+        self.inner.send_ack(peer, kind, flags)
 
     def flush(self) -> None:
         self.inner.flush()

@@ -14,7 +14,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Kind, StepHeader
+from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Flag, Kind, StepHeader
 
 _HEADER_TAG = 1 << 20  # headers and acks never match a hidden-state receive
 
@@ -69,7 +69,7 @@ class GlooConnector(AFDConnector):
                                                  "waiting for the FFN rank's ack"))
 
     # ---- FFN side
-    def recv_step(self, peer: int) -> StepHeader:
+    def recv_step(self, peer: int, patient: bool = False) -> StepHeader:  # gloo's wait blocks: always patient
         t = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), peer, _HEADER_TAG,
                        f"waiting for a step header from attention peer {peer}")
         return StepHeader.from_tensor(t)
@@ -81,8 +81,8 @@ class GlooConnector(AFDConnector):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
         self._isend(hidden, peer, micro_batch)
 
-    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
-        self._isend(StepHeader(kind).to_tensor(), peer, _HEADER_TAG)
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK, flags: Flag = Flag(0)) -> None:
+        self._isend(StepHeader(kind, flags=flags).to_tensor(), peer, _HEADER_TAG)
 
     def flush(self) -> None:
         for work in self._sends:

@@ -126,10 +126,10 @@ class Loopback(AFDConnector):
     def recv_reply(self):
         raise NotImplementedError
 
-    def recv_step(self, peer):
+    def recv_step(self, peer, patient=False):
         raise NotImplementedError
 
-    def send_ack(self, peer, kind=None):
+    def send_ack(self, peer, kind=None, flags=None):
         raise NotImplementedError
 
     def send_attn_output(self, hidden, micro_batch):

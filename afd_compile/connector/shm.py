@@ -22,7 +22,7 @@ from multiprocessing import shared_memory
 import numpy as np
 import torch
 
-from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Kind, StepHeader
+from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Flag, Kind, StepHeader
 
 MIN_RING_BYTES = 4 << 20
 _CTRL = 64  # head, tail, writer pid, reader pid, closed: int64 each, one cache line
@@ -179,9 +179,9 @@ class ShmConnector(AFDConnector):
                                   patient=True)
         return StepHeader.from_tensor(t)
 
-    def recv_step(self, peer: int) -> StepHeader:
+    def recv_step(self, peer: int, patient: bool = False) -> StepHeader:
         t = self.inp[peer].read_into(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout,
-                                     f"waiting for a step header from attention peer {peer}")
+                                     f"waiting for a step header from attention peer {peer}", patient=patient)
         return StepHeader.from_tensor(t)
 
     def recv_attn_output(self, peer: int, tokens: int, micro_batch: int) -> torch.Tensor:
@@ -191,8 +191,8 @@ class ShmConnector(AFDConnector):
     def send_ffn_output(self, peer: int, hidden: torch.Tensor, micro_batch: int) -> None:
         self.out[peer].write(hidden, self.timeout, f"sending micro-batch {micro_batch} to attention peer {peer}")
 
-    def send_ack(self, peer: int, kind: Kind = Kind.ACK) -> None:
-        self.out[peer].write(StepHeader(kind).to_tensor(), self.timeout, "sending an ack")
+    def send_ack(self, peer: int, kind: Kind = Kind.ACK, flags: Flag = Flag(0)) -> None:
+        self.out[peer].write(StepHeader(kind, flags=flags).to_tensor(), self.timeout, "sending an ack")
 
     def close(self) -> None:
         for ring in [*self.out.values(), *self.inp.values()]:

@@ -272,10 +272,11 @@ class AFDModelRunner:
         return logits
 
     # ---- between steps
-    def idle(self) -> None:
-        """Tells the FFN ranks this rank has nothing this round and waits for their ack."""
+    def idle(self) -> bool:
+        """Tells the FFN ranks this rank has nothing this round and waits for their ack: whether
+        no rank had work this round (then this rank may wait for a request before the next)."""
         self.connector.send_step(StepHeader(Kind.IDLE))
-        self.connector.recv_ack()
+        return bool(self.connector.recv_ack() & Flag.IDLE)
 
     def reconnect(self, connector: AFDConnector, world) -> None:
         """Continues on a new generation's links after the old ones broke. The KV cache stays;

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import torch
 import torch.distributed as dist
@@ -24,9 +23,6 @@ from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer
 
 log = logging.getLogger("afd.ffn")
-
-IDLE_BACKOFF_S = (0.0005, 0.02)  # an all-idle round waits this long, doubling up to the max
-
 
 class FFNWorker:
     def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None,
@@ -70,11 +66,13 @@ class FFNWorker:
 
     def _serve(self) -> None:
         active = set(self.peers)
-        idle_wait = IDLE_BACKOFF_S[0]
+        m = -1
         log.info("ffn rank %d ready: serves attention ranks %s", self.world.rank,
                  self.world.topology.attention_peers(self.world.rank))
         while active or self.world.topology.num_ffn > 1:
-            headers = {p: self.connector.recv_step(p) for p in sorted(active)}
+            # After a round without work the attention ranks wait for requests before their next
+            # header: wait for it without polling hard.
+            headers = {p: self.connector.recv_step(p, patient=m == 0) for p in sorted(active)}
             for p, h in headers.items():
                 if h.kind is Kind.SHUTDOWN:
                     active.discard(p)
@@ -86,11 +84,7 @@ class FFNWorker:
             if m < 0:  # every FFN rank has lost all its peers
                 break
             self.tracer.enabled = self.always_trace or bool(trace)
-            if m == 0:
-                time.sleep(idle_wait)
-                idle_wait = min(idle_wait * 2, IDLE_BACKOFF_S[1])
-            else:
-                idle_wait = IDLE_BACKOFF_S[0]
+            if m > 0:
                 decode = all(h.flags & Flag.DECODE for h in headers.values() if h.kind is Kind.STEP)
                 self._run_round(steps, m, next(iter(headers.values())).step if headers else 0, decode)
             if dump:
@@ -99,7 +93,7 @@ class FFNWorker:
                 if h.kind is Kind.COMPILE:
                     self._compile_for(p, h.tokens)
                 if h.kind in (Kind.IDLE, Kind.COMPILE):
-                    self.connector.send_ack(p)
+                    self.connector.send_ack(p, flags=Flag.IDLE if m == 0 else Flag(0))
             self.connector.flush()
         log.info("ffn rank %d: all attention peers left; exiting", self.world.rank)
 

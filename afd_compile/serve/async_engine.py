@@ -3,7 +3,8 @@
 The engine is single-threaded by design: only the loop thread touches it. HTTP handlers send
 "add" and "abort" commands through a queue and read deltas from a per-request asyncio.Queue.
 Between steps the loop admits new requests, so they join the running batch (continuous
-batching). An AFD attention rank with nothing to do keeps its FFN ranks in step with `idle()`.
+batching). An AFD attention rank with nothing to do keeps its FFN ranks in step with `idle()`
+rounds; while no rank has work it waits for a request between them, up to IDLE_WAIT_S.
 
 When an AFD step fails (a peer died), the requests that were running fail at once; the loop
 then re-forms the AFD world with `reconnect()` while queued requests wait for it, and the
@@ -27,6 +28,11 @@ from afd_compile.errors import AfdError
 from afd_compile.serve.metrics import Metrics
 
 log = logging.getLogger("afd.serve")
+
+# An idle AFD attention rank waits this long for a request before its next idle round, doubling
+# while every rank stays idle: a request arriving meanwhile starts at once, and an idle
+# deployment exchanges a round per 20 ms, not a busy loop.
+IDLE_WAIT_S = (0.0005, 0.02)
 
 
 @dataclass
@@ -53,9 +59,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, idle: Callable[[], None] | None = None, metrics: Metrics | None = None,
+    def __init__(self, engine: LLMEngine, idle: Callable[[], bool] | None = None, metrics: Metrics | None = None,
                  on_exit: Callable[[], None] | None = None, reconnect: Callable[[], None] | None = None):
-        """reconnect: re-forms an AFD rank's links after a step failed, raising if it cannot within
+        """idle: an AFD attention rank's idle round, returning whether no rank had work in it.
+        reconnect: re-forms an AFD rank's links after a step failed, raising if it cannot within
         its timeout (it is then tried again). Without it, a failed step ends the engine."""
         self.engine, self.idle, self.on_exit, self.reconnect = engine, idle, on_exit, reconnect
         self.metrics = metrics or Metrics()
@@ -146,14 +153,19 @@ class AsyncEngine:
 
     def _serve(self) -> str | None:
         """Runs steps until stopped (None), or on a rank that can reconnect, until a step fails: why."""
+        idle_wait = 0.0  # AFD: how long to wait for a request before the next idle round
         try:
             while not self._stopped.is_set():
                 busy = self.engine.scheduler.has_work()
-                self._drain(block=not busy and self.idle is None)
+                # Idle, a monolithic engine waits for a request (in slices, to notice a stop); an AFD
+                # rank's idle rounds pace its wait.
+                self._drain(0.0 if busy else 0.05 if self.idle is None else idle_wait)
                 if self.engine.scheduler.has_work():
                     self._publish(self.engine.step())
+                    idle_wait = 0.0
                 elif self.idle is not None and not self._stopped.is_set():
-                    self.idle()
+                    all_idle = self.idle()
+                    idle_wait = min(max(2 * idle_wait, IDLE_WAIT_S[0]), IDLE_WAIT_S[1]) if all_idle else 0.0
                 self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
                 self._finish_trace()
         except Exception as e:
@@ -177,7 +189,7 @@ class AsyncEngine:
                 self.reconnect()
             except Exception as e:
                 log.error("re-forming the AFD world failed: %s", e)
-                self._drain(block=False)
+                self._drain(0.0)
                 self._fail(self.engine.scheduler.waiting, f"{failure}; re-forming the AFD world failed: {e}")
                 continue
             log.warning("the AFD world re-formed; serving again")
@@ -191,9 +203,10 @@ class AsyncEngine:
             if stream is not None:
                 stream.loop.call_soon_threadsafe(stream.out.put_nowait, Delta(error=error))
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, timeout_s: float) -> None:
+        """Applies the queued commands, waiting up to timeout_s for the first."""
         try:
-            command = self.commands.get(timeout=0.05) if block else self.commands.get_nowait()
+            command = self.commands.get(timeout=timeout_s) if timeout_s > 0 else self.commands.get_nowait()
         except queue.Empty:
             return
         while True:
