@@ -64,6 +64,40 @@ class AsyncEngine:
         """idle: an AFD attention rank's idle round, returning whether no rank had work in it.
         reconnect: re-forms an AFD rank's links after a step failed, raising if it cannot within
         its timeout (it is then tried again). Without it, a failed step ends the engine."""
+        self._setup(engine, idle, metrics, on_exit, reconnect)
+        self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def build(cls, parts: Callable[[], dict]) -> AsyncEngine:
+        """An AsyncEngine whose engine thread first runs parts() (the constructor's arguments:
+        loading the model, compiling it) and then serves. So that thread alone runs torch, and
+        libgomp keeps its OpenMP workers spinning between a step's parallel loops: with a second
+        thread's OpenMP pool alive (the one that built the engine) there are more OpenMP threads
+        than cores, and libgomp has them sleep at once, a futex wake-up per loop: a batch-1 step
+        measured 2.7 ms on the engine thread against 0.21 ms on the thread that built it."""
+        self = cls.__new__(cls)
+        built, failure = threading.Event(), []
+
+        def run() -> None:
+            try:
+                self._setup(**parts())
+            except BaseException as e:  # handed to the caller, which raises it
+                failure.append(e)
+                return
+            finally:
+                built.set()
+            self._loop()
+
+        self.thread = threading.Thread(target=run, name="afd-engine", daemon=True)
+        self.thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
+        return self
+
+    def _setup(self, engine: LLMEngine, idle=None, metrics: Metrics | None = None, on_exit=None,
+               reconnect=None) -> None:
         self.engine, self.idle, self.on_exit, self.reconnect = engine, idle, on_exit, reconnect
         self.metrics = metrics or Metrics()
         self.commands: queue.Queue = queue.Queue()
@@ -72,8 +106,6 @@ class AsyncEngine:
         self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
         self._stopped = threading.Event()
         self._trace: tuple[float, asyncio.Future] | None = None  # a pending record_trace: (deadline, result)
-        self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
-        self.thread.start()
 
     @property
     def healthy(self) -> bool:

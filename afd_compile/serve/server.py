@@ -21,25 +21,32 @@ SHUTDOWN_GRACE_S = 30
 
 def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool = False
                       ) -> tuple[AsyncEngine, str]:
-    """warmup: compiles every decode shape before the engine thread starts (see LLMEngine.warm_up)."""
+    """The engine is built on its own thread (AsyncEngine.build). warmup: compiles every decode
+    shape before the engine serves (see LLMEngine.warm_up)."""
     metrics = Metrics()
-    if afd is None:
+
+    def monolithic() -> dict:
         from afd_compile.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(engine_cfg)
         if warmup:
             engine.warm_up()
-        return AsyncEngine(engine, metrics=metrics), "monolithic"
-    from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
+        return dict(engine=engine, metrics=metrics)
 
-    engine, tracer = attention_engine(engine_cfg, afd)
-    if warmup:
-        engine.warm_up()
-    runner = engine.runner
-    runner.wait_observer = lambda layer, seconds: metrics.connector_latency.labels(str(layer)).observe(seconds)
+    def attention_rank() -> dict:
+        from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
 
-    return (AsyncEngine(engine, idle=runner.idle, metrics=metrics, on_exit=lambda: leave_attention(engine, tracer, afd),
-                        reconnect=lambda: rejoin_attention(engine, afd)), f"AFD {afd.topology}")
+        engine, tracer = attention_engine(engine_cfg, afd)
+        if warmup:
+            engine.warm_up()
+        runner = engine.runner
+        runner.wait_observer = lambda layer, seconds: metrics.connector_latency.labels(str(layer)).observe(seconds)
+        return dict(engine=engine, idle=runner.idle, metrics=metrics, on_exit=lambda: leave_attention(engine, tracer, afd),
+                    reconnect=lambda: rejoin_attention(engine, afd))
+
+    if afd is None:
+        return AsyncEngine.build(monolithic), "monolithic"
+    return AsyncEngine.build(attention_rank), f"AFD {afd.topology}"
 
 
 def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,

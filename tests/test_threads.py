@@ -1,0 +1,64 @@
+"""Where torch runs in a server: one thread per process builds and steps the engine (libgomp
+then keeps its OpenMP workers spinning between a step's loops), and ranks sharing a host split
+its cores between them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from afd_compile.config import EngineConfig
+from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.engine.sampling_params import SamplingParams
+from afd_compile.errors import AfdError
+from afd_compile.roles.launcher import thread_share_env
+from afd_compile.serve.async_engine import AsyncEngine
+
+
+def test_the_engine_is_built_and_stepped_on_the_engine_thread(tiny_greedy_checkpoint):
+    threads = {}
+
+    def parts() -> dict:
+        threads["build"] = threading.get_ident()
+        engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_model_len=64))
+        step = engine.step
+
+        def recorded_step():
+            threads.setdefault("steps", set()).add(threading.get_ident())
+            return step()
+
+        engine.step = recorded_step
+        return dict(engine=engine)
+
+    server = AsyncEngine.build(parts)
+    try:
+        prompt = server.engine.tokenizer("1 3 5")["input_ids"]
+
+        async def run():
+            return [d async for d in server.generate(prompt, SamplingParams(temperature=0, max_tokens=3))]
+
+        assert sum(len(d.token_ids) for d in asyncio.run(run())) == 3
+        assert threads["build"] == server.thread.ident != threading.get_ident()
+        assert threads["steps"] == {server.thread.ident}
+    finally:
+        server.close()
+
+
+def test_a_failed_build_is_raised_to_the_caller():
+    def parts() -> dict:
+        raise AfdError("no such model")
+
+    with pytest.raises(AfdError, match="no such model"):
+        AsyncEngine.build(parts)
+
+
+def test_ranks_on_one_host_share_its_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert thread_share_env(2) == {"OMP_NUM_THREADS": "4"}
+    assert thread_share_env(3) == {"OMP_NUM_THREADS": "2"}
+    assert thread_share_env(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice stands
+    assert thread_share_env(2) == {}
