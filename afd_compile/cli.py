@@ -242,14 +242,13 @@ def _server_argv(args) -> list[str]:
 def _supervise(args, roles: tuple[str, ...]) -> None:
     """Starts every rank of the given roles on this host and supervises them until Ctrl-C."""
     from afd_compile.roles.generate import rank_args
-    from afd_compile.roles.launcher import Supervisor, thread_share_env
+    from afd_compile.roles.launcher import Supervisor
     from afd_compile.roles.rendezvous import local_launch_env
 
     topo = _afd_config(args, "attention", 0).topology
     if args.max_restarts < 0:
         raise AfdError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
-    num_ranks = sum(topo.num_ranks(role) for role in roles)
-    env = {**local_launch_env(), **thread_share_env(num_ranks)}
+    env = local_launch_env()
     serving = "attention" in roles
     if serving and args.api_key:
         env["AFD_API_KEY"] = args.api_key  # through the environment, not the process list

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from afd_compile.roles.launcher import die_with_parent, stop_process_group, thread_share_env
+from afd_compile.roles.launcher import die_with_parent, stop_process_group
 from afd_compile.roles.rendezvous import free_port
 from afd_compile.topology import Topology
 from console import validate
@@ -201,12 +201,11 @@ class Launcher:
             if self.running:
                 raise ConsoleError(f"A deployment ({self.spec.name}) is already running: stop it first.")
             self.spec, self.master_port = spec, free_port()
-            rank_commands = spec.rank_commands()  # on this host: they share its cores
             env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(self.master_port), **thread_share_env(len(rank_commands)), **self.extra_env}
+                   "MASTER_PORT": str(self.master_port), **self.extra_env}
             env.pop("MASTER_IP", None)
             self.ranks = []
-            for name, args in rank_commands:
+            for name, args in spec.rank_commands():
                 url = None
                 if name == "server":
                     url = spec.url()

@@ -13,7 +13,7 @@ from afd_compile.config import EngineConfig
 from afd_compile.engine.llm_engine import LLMEngine
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
-from afd_compile.roles.launcher import thread_share_env
+from afd_compile.roles.rendezvous import core_share
 from afd_compile.serve.async_engine import AsyncEngine
 
 
@@ -54,11 +54,8 @@ def test_a_failed_build_is_raised_to_the_caller():
         AsyncEngine.build(parts)
 
 
-def test_ranks_on_one_host_share_its_cores(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert thread_share_env(2) == {"OMP_NUM_THREADS": "4"}
-    assert thread_share_env(3) == {"OMP_NUM_THREADS": "2"}
-    assert thread_share_env(16) == {"OMP_NUM_THREADS": "1"}
-    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice stands
-    assert thread_share_env(2) == {}
+def test_ranks_on_one_host_share_its_cores():
+    assert core_share(["a", "a"], "a", cores=8) == 4  # 1A1F on one host
+    assert core_share(["a", "b", "a", "b"], "b", cores=8) == 4  # 2A2F over two hosts
+    assert core_share(["a"] * 3 + ["b"], "a", cores=8) == 2
+    assert core_share(["a"] * 4, "a", cores=2) == 1  # never none

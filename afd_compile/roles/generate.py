@@ -12,7 +12,7 @@ import json
 from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
-from afd_compile.roles.launcher import Supervisor, thread_share_env
+from afd_compile.roles.launcher import Supervisor
 from afd_compile.roles.rendezvous import local_launch_env
 
 
@@ -53,7 +53,7 @@ def launch_generate(args, sampling_argv: list[str]) -> list[str]:
     from afd_compile.config import AFDConfig
 
     topo = AFDConfig(afd_size=args.afd_size).topology
-    env = {**local_launch_env(), **thread_share_env(topo.world_size)}
+    env = local_launch_env()
     attention_names = [f"attention {i}" for i in range(topo.num_attention)]
     sup = Supervisor(env, relay_logs=args.log_level.upper() in ("DEBUG", "INFO"), capture_stdout=tuple(attention_names))
     try:

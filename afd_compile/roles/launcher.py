@@ -158,16 +158,6 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
-def thread_share_env(num_ranks: int) -> dict[str, str]:
-    """OMP_NUM_THREADS for each of num_ranks ranks on this host: an equal share of its cores,
-    unless the user set it. Each rank's torch would otherwise use every core, and ranks whose
-    OpenMP threads spin between parallel loops (libgomp does, with no more threads than cores in
-    a process) take the cores from each other: a 1A1F server on 2 cores took 16 ms a token."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return {}
-    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // num_ranks))}
-
-
 def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux)."""
     try:
