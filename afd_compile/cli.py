@@ -55,7 +55,8 @@ def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
         p.add_argument("--role", default=None, help="run only this role here: attention (attn) or ffn")
     p.add_argument("--rank", type=int, default=None, help="run only this rank of the role here")
     p.add_argument("--micro-batches", type=int, default=1, help="ping-pong micro-batches per step")
-    p.add_argument("--connector", default="gloo", help="attention<->FFN transport: gloo")
+    p.add_argument("--connector", default="gloo",
+                   help="attention<->FFN transport: gloo (any hosts), shm (ranks on one host), nccl (GPUs)")
     p.add_argument("--connector-timeout", type=float, default=60.0,
                    help="seconds any rendezvous or connector wait may take before it is an error")
     p.add_argument("--ep-dispatch", default="sort", help="FFN expert parallelism: sort or deepspeed")
