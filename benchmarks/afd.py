@@ -27,7 +27,6 @@ turn, round after round.
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing as mp
 import os
