@@ -24,6 +24,7 @@ from afd_compile.trace import Tracer
 
 log = logging.getLogger("afd.ffn")
 
+
 class FFNWorker:
     def __init__(self, model: DeepseekV2, world: World, connector: AFDConnector, tracer: Tracer | None = None,
                  compile_decode: bool = False):
