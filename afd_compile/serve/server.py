@@ -25,28 +25,24 @@ def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: b
     shape before the engine serves (see LLMEngine.warm_up)."""
     metrics = Metrics()
 
-    def monolithic() -> dict:
-        from afd_compile.engine.llm_engine import LLMEngine
+    def parts() -> dict:  # AsyncEngine's arguments, made on its engine thread
+        if afd is None:
+            from afd_compile.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(engine_cfg)
+            engine, rank = LLMEngine(engine_cfg), {}
+        else:
+            from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
+
+            engine, tracer = attention_engine(engine_cfg, afd)
+            rank = dict(idle=engine.runner.idle, on_exit=lambda: leave_attention(engine, tracer, afd),
+                        reconnect=lambda: rejoin_attention(engine, afd))
         if warmup:
             engine.warm_up()
-        return dict(engine=engine, metrics=metrics)
+        if afd is not None:  # after the warm-up: its waits are not the deployment's latency
+            engine.runner.wait_observer = lambda layer, s: metrics.connector_latency.labels(str(layer)).observe(s)
+        return dict(engine=engine, metrics=metrics, **rank)
 
-    def attention_rank() -> dict:
-        from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
-
-        engine, tracer = attention_engine(engine_cfg, afd)
-        if warmup:
-            engine.warm_up()
-        runner = engine.runner
-        runner.wait_observer = lambda layer, seconds: metrics.connector_latency.labels(str(layer)).observe(seconds)
-        return dict(engine=engine, idle=runner.idle, metrics=metrics, on_exit=lambda: leave_attention(engine, tracer, afd),
-                    reconnect=lambda: rejoin_attention(engine, afd))
-
-    if afd is None:
-        return AsyncEngine.build(monolithic), "monolithic"
-    return AsyncEngine.build(attention_rank), f"AFD {afd.topology}"
+    return AsyncEngine.build(parts), "monolithic" if afd is None else f"AFD {afd.topology}"
 
 
 def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,
