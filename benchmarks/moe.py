@@ -1,9 +1,11 @@
 """MoE kernels: the routed experts of one DeepSeekMoE layer, tokens 1 .. 4096, per implementation.
 
-- sort: moe_kernels' sort-based dispatch + grouped SwiGLU matmul + index_add combine
-  (the CPU path of `fused_experts`);
+- sort: moe_kernels' sort-based dispatch + grouped SwiGLU matmul + index_add combine;
+- stream: moe_kernels' C++ kernel streaming each touched expert's weights once (CPU);
+- chosen: what `fused_experts` runs on CPU, the faster of sort and stream as measured at the
+  shape on its first call;
 - triton: moe_kernels/triton_moe.py, the GPU path (CUDA only);
-- dense: every expert on every token, unrouted weights zero (the CPU small-batch path);
+- dense: every expert on every token, unrouted weights zero;
 - loop: a per-expert loop over `where(topk_ids == e)`, as transformers' DeepseekV2Moe does;
 - deepspeed: DeepSpeed-MoE's MOELayer (capacity-based dispatch, one rank; CPU only, where
   deepspeed is installed).
@@ -33,6 +35,15 @@ SCENARIO = "moe"
 SHAPES = {"cuda": (2048, 1408, 64, 6), "cpu": (512, 352, 16, 4)}
 DEFAULT_TOKENS = "1,4,16,64,256,1024,4096"
 GRAPH_SAFE = ("triton", "dense")  # no host synchronisation: also timed as CUDA-graph replays
+
+
+def dense_experts(x, topk_weights, topk_ids, w13, w2):
+    """Every expert on every token as one batched matmul, unrouted weights zero."""
+    gates = torch.zeros(x.shape[0], w13.shape[0], dtype=topk_weights.dtype, device=x.device)
+    gates.scatter_add_(1, topk_ids, topk_weights)  # [tokens, experts]
+    gate, up = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2)).chunk(2, dim=-1)  # [experts, tokens, inter]
+    y = torch.matmul(F.silu(gate) * up, w2.transpose(1, 2))  # [experts, tokens, hidden]
+    return torch.einsum("te,eth->th", gates.to(y.dtype), y)
 
 
 def loop_experts(x, topk_weights, topk_ids, w13, w2):
@@ -83,21 +94,19 @@ def _deepspeed_impl(w13, w2, num_experts, top_k):
 
 
 def implementations(device: str, w13, w2, num_experts: int, top_k: int) -> dict:
-    from afd_compile.model.ffn_half import dense_experts
+    from moe_kernels.cpu_build import cpu_kernels
+    from moe_kernels.cpu_moe import sort_experts, stream_experts
     from moe_kernels.fused_moe import fused_experts
 
-    impls = {"sort": lambda *a: fused_experts(*a, 0)}
+    impls = {"sort": lambda *a: sort_experts(*a, 0)}
+    if device == "cpu" and cpu_kernels():
+        impls["stream"] = lambda *a: stream_experts(*a, 0)
+        impls["chosen"] = lambda *a: fused_experts(*a, 0)  # whichever of the two measured faster
     if device == "cuda":
-        from moe_kernels.dispatch import combine, dispatch
-        from moe_kernels.grouped_matmul import grouped_swiglu
         from moe_kernels.triton_moe import triton_fused_experts
 
-        def sort_torch(x, w, ids, w13_, w2_):  # fused_experts takes the Triton path on CUDA
-            plan = dispatch(ids, w, 0, w13_.shape[0])
-            return combine(grouped_swiglu(x[plan.token_idx], plan.counts, w13_, w2_), plan, x.shape[0])
-
-        impls = {"sort": sort_torch, "triton": lambda *a: triton_fused_experts(*a, 0)}
-    impls["dense"] = lambda *a: dense_experts(*a, 0)
+        impls["triton"] = lambda *a: triton_fused_experts(*a, 0)
+    impls["dense"] = dense_experts
     impls["loop"] = loop_experts
     if device == "cpu":
         try:

@@ -1,5 +1,6 @@
 """Routed-expert computation as one custom op: dispatch, grouped matmul, combine (on CUDA
-the Triton kernels of triton_moe.py, elsewhere the sort-based torch path).
+the Triton kernels of triton_moe.py; on CPU cpu_moe.py's weight-streaming C++ kernel or the
+sort-based torch path, whichever measures faster at the shape).
 
 Registered with torch.library so torch.compile sees a single opaque op with a static output
 shape: the per-expert row counts are data-dependent, which would otherwise force graph
@@ -9,9 +10,6 @@ breaks or recompiles every step (vLLM registers its fused_moe the same way).
 from __future__ import annotations
 
 import torch
-
-from moe_kernels.dispatch import combine, dispatch
-from moe_kernels.grouped_matmul import grouped_swiglu
 
 
 @torch.library.custom_op("moe_kernels::fused_experts", mutates_args=())
@@ -28,9 +26,9 @@ def fused_experts(
         from moe_kernels.triton_moe import triton_fused_experts
 
         return triton_fused_experts(x, topk_weights, topk_ids, w13, w2, first_expert)
-    plan = dispatch(topk_ids, topk_weights, first_expert, w13.shape[0])
-    expert_out = grouped_swiglu(x[plan.token_idx], plan.counts, w13, w2)
-    return combine(expert_out, plan, x.shape[0])
+    from moe_kernels.cpu_moe import cpu_fused_experts
+
+    return cpu_fused_experts(x, topk_weights, topk_ids, w13, w2, first_expert)
 
 
 @fused_experts.register_fake

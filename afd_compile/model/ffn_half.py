@@ -12,17 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd_compile.model.layers import RMSNorm, SwiGLU
-from moe_kernels import fused_experts, select_experts
+from moe_kernels import cpu_build, fused_experts, select_experts
 
 
-# CPU decode batches avoid the sort-based grouped matmul's Python loop with static shapes:
-# compiled, up to this many (token, k) pairs each pair runs its own expert, whose weights inductor
-# reads in place (2x faster than all experts on every token at 1..128 tokens, measured on the
-# demo model; the sort path wins beyond). Eagerly, up to DENSE_MOE_MAX_ROWS (token, local expert)
-# rows run every local expert on every token as one batched matmul. GPUs take the Triton grouped
-# matmul at every size.
-GATHERED_MOE_MAX_PAIRS = 256
-DENSE_MOE_MAX_ROWS = 256
+# CPU: a compiled decode step of more than one token runs the routed experts in moe_kernels' C++
+# kernel, called from the graph without Python, which reads each touched expert's weights once
+# however many (token, k) pairs chose it (decode at width is bound by reading them). One token
+# touches top_k distinct experts, so evaluating one expert per pair inside the graph reads the
+# same bytes and fuses with its neighbours (the demo model's batch-1 step). Past
+# STREAM_MAX_TOKENS, and eagerly, the fused_experts op picks a kernel by measuring at the shape.
+# GPUs take the Triton grouped matmul at every size.
+STREAM_MAX_TOKENS = 64
 
 
 def gathered_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
@@ -38,18 +38,6 @@ def gathered_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> t
     gate, up = torch.einsum("ph,pih->pi", pairs, w13[idx]).chunk(2, dim=-1)
     y = torch.einsum("pi,phi->ph", F.silu(gate) * up, w2[idx]).view(tokens, top_k, -1)
     return (y * (topk_weights * keep).unsqueeze(-1).to(y.dtype)).sum(dim=1)
-
-
-def dense_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
-    """x [tokens, hidden] -> sum_k weight_k * expert_k(x), computing all local experts."""
-    num_local = w13.shape[0]
-    local = topk_ids - first_expert
-    keep = (local >= 0) & (local < num_local)
-    gates = torch.zeros(x.shape[0], num_local, dtype=topk_weights.dtype, device=x.device)
-    gates.scatter_add_(1, local.clamp(0, num_local - 1), topk_weights * keep)  # [tokens, experts]
-    gate, up = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2)).chunk(2, dim=-1)  # [experts, tokens, inter]
-    y = torch.matmul(F.silu(gate) * up, w2.transpose(1, 2))  # [experts, tokens, hidden]
-    return torch.einsum("te,eth->th", gates.to(y.dtype), y)
 
 
 class Experts(nn.Module):
@@ -89,11 +77,11 @@ class MoE(nn.Module):
             return self.ep_routed(x)
         weights, ids = self.route(x)
         args = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
-        if not x.is_cuda:
-            if torch.compiler.is_compiling() and ids.numel() <= GATHERED_MOE_MAX_PAIRS:
+        if not x.is_cuda and torch.compiler.is_compiling() and x.shape[0] <= STREAM_MAX_TOKENS:
+            if x.shape[0] == 1:
                 return gathered_experts(*args)
-            if x.shape[0] * self.experts.down_proj.shape[0] <= DENSE_MOE_MAX_ROWS:
-                return dense_experts(*args)
+            if cpu_build.LOADED:
+                return torch.ops.moe_cpu.grouped_experts(*args)
         return fused_experts(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from afd_compile.errors import AfdError
 from afd_compile.model.decoder import DeepseekV2
+from moe_kernels.cpu_build import cpu_kernels
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2",)
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "afd-demo-moe"
@@ -196,4 +197,6 @@ def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int
     state = {k: v.to(device=device, dtype=torch.float32 if k.endswith("mlp.gate.weight") else dtype)
              for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
+    if model.has_ffn and torch.device(device).type == "cpu":
+        cpu_kernels()  # built (or found in the cache) before anything compiles a step
     return model.eval().requires_grad_(False)
