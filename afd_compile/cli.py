@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="measurements per configuration, interleaved across backends; the fastest is reported")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="monolithic: prompt tokens per request (default: the demo task's chat prompts, ~12)")
     p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="moe: token counts per layer call")
     p.add_argument("--micro-batch-sweep", default="1,2,3,4,6", help="afd: micro-batch counts m of 1A1F")
     p.add_argument("--delays-us", default="100,300", help="afd: injected link delays of the overlap runs")

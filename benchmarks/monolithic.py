@@ -24,6 +24,13 @@ each (batch size, backend) once, interleaved with the backend order rotating, so
 load on a shared machine hit all backends alike. The figures are those of the fastest repeat
 (the least disturbed one, as timeit advises); every repeat's tokens/s is kept in the JSON.
 
+Every engine row also carries its roofline (benchmarks/roofline.py): the bytes a decode step
+must read (weights but the embedding, the routed experts its batch touched, counted; the live
+KV cache) against the read bandwidth measured at the start of the same run, and the prefill's
+FLOPs against a large fp32 matmul's rate. When the backends' weights do not fit in memory
+together (a DeepSeek-V2-Lite-width checkpoint in fp32 is 7 GB a copy), each backend is loaded,
+measured and freed in turn instead of interleaved.
+
 Greedy outputs are compared with transformers' as a check that every backend did the same work:
 the fraction of requests whose tokens up to our first EOS equal transformers' (min_new_tokens
 makes generate mask EOS, while ignore_eos lets the engine pick it and go on, so the tokens after
@@ -32,6 +39,7 @@ it differ by design). Small float differences may still flip a near-tie.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -74,13 +82,18 @@ def _backends(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _prompts(tokenizer, n: int) -> list[list[int]]:
-    """Token ids of n chat prompts of the demo task (held-out sequences), as the engine encodes them."""
+def _prompts(tokenizer, n: int, length: int | None = None) -> list[list[int]]:
+    """Token ids of n chat prompts of the demo task (held-out sequences), as the engine encodes them;
+    with `length`, each is extended to that many tokens by repeating its numbers (prefill runs)."""
     from afd_compile.demo.tasks import held_out_set
 
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": s.prompt}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False))
-            for s in held_out_set(n)]
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": s.prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+               for s in held_out_set(n)]
+    if length is None:
+        return prompts
+    # Keep the first token (bos) and the last (the assistant marker); repeat what is between.
+    return [[p[0], *(p[1:-1] * length)[:length - 2], p[-1]] for p in prompts]
 
 
 def _figures(backend: str, batch_size: int, load_s: float, warmup_s: float, runs: list[Run]) -> dict:
@@ -208,49 +221,108 @@ class TransformersBackend:
 
 
 # ---- the scenario
+def _roofline(engine, prompts, run: Run, machine: dict) -> dict:
+    """The row's bytes and FLOPs against the machine's measured limits (benchmarks/roofline.py)."""
+    from benchmarks import roofline
+
+    need = roofline.decode_step_bytes(engine.model, prompts, run.outputs)
+    step_s = sum(run.step_times) / len(run.step_times)
+    bw = machine["read_bandwidth"]["bytes_per_s"]
+    flops = roofline.prefill_flops(engine.model, prompts)
+    return {**need, "achieved_bytes_per_s": need["bytes_per_step"] / step_s,
+            "roofline_fraction": need["bytes_per_step"] / bw / step_s,
+            "prefill_flops": flops, "prefill_flop_per_s": flops / run.prefill_s,
+            "prefill_fraction": flops / machine["matmul"]["flop_per_s"] / run.prefill_s}
+
+
+def _fits_at_once(args, names: list[str]) -> bool:
+    """Whether every backend's copy of the weights fits in memory together (else one at a time)."""
+    from afd_compile.config import DTYPES
+    from afd_compile.model.decoder import DeepseekV2
+    from afd_compile.model.loader import available_memory, load_config, weights_nbytes
+
+    with torch.device("meta"):
+        model = DeepseekV2(load_config(args.model))
+    need = sum(weights_nbytes(model, torch.float32 if n == "transformers" else DTYPES[args.dtype]) for n in names)
+    have = available_memory()
+    return have is None or need < 0.6 * have
+
+
 def run(args) -> dict:
     from afd_compile.model.loader import load_config, load_tokenizer
+    from benchmarks import roofline
 
     batch_sizes = _batch_sizes(args.batch_sizes)
     names = _backends(getattr(args, "backends", None))
     steps, repeats = args.steps, getattr(args, "repeats", DEFAULT_REPEATS)
+    prompt_len = getattr(args, "prompt_len", None)
     if steps < 2:
         raise AfdError(f"--steps must be >= 2 (the first new token comes from prefill), got {steps}")
     if repeats < 1:
         raise AfdError(f"--repeats must be >= 1, got {repeats}")
+    if prompt_len is not None and prompt_len < 3:
+        raise AfdError(f"--prompt-len must be >= 3 (bos, a prompt token, the assistant marker), got {prompt_len}")
     hf_config = load_config(args.model)
     # The engine holds every batch at once, in a small KV cache.
     args.max_num_seqs = max(args.max_num_seqs, max(batch_sizes))
-    if args.max_model_len is None:
-        args.max_model_len = min(DEFAULT_MAX_MODEL_LEN, hf_config.max_position_embeddings)
     tokenizer = load_tokenizer(args.model)
-    prompts = _prompts(tokenizer, max(batch_sizes))
+    prompts = _prompts(tokenizer, max(batch_sizes), prompt_len)
     longest = max(map(len, prompts))
+    if args.max_model_len is None:
+        args.max_model_len = min(max(DEFAULT_MAX_MODEL_LEN, longest + steps), hf_config.max_position_embeddings)
     if longest + steps > args.max_model_len:
         raise AfdError(f"the longest prompt ({longest} tokens) plus {steps} steps does not fit "
                        f"--max-model-len {args.max_model_len}")
+    at_once = _fits_at_once(args, names)
 
     print(f"afd bench {SCENARIO}: {args.model}, batch sizes {batch_sizes}, {steps} steps, {repeats} repeats, "
-          f"backends {', '.join(names)}", flush=True)
-    backends, load_s, warmup_s = {}, {}, {}
-    for name in names:
+          f"backends {', '.join(names)}" + ("" if at_once else " (one at a time: their weights do not fit together)"),
+          flush=True)
+    machine = {"read_bandwidth": roofline.read_bandwidth(), "matmul": roofline.matmul_rate()}
+    print(f"  read bandwidth {machine['read_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul "
+          f"{machine['matmul']['flop_per_s'] / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    load_s, warmup_s, runs, lines = {}, {}, {}, {}
+
+    def load(name):
         t0 = time.perf_counter()
-        backends[name] = TransformersBackend(args, tokenizer) if name == "transformers" else EngineBackend(name, args)
+        backend = TransformersBackend(args, tokenizer) if name == "transformers" else EngineBackend(name, args)
         load_s[name] = time.perf_counter() - t0
         for b in batch_sizes:
-            warmup_s[name, b] = backends[name].warm_up(prompts[:b], steps)
+            warmup_s[name, b] = backend.warm_up(prompts[:b], steps)
+            runs[name, b] = []
         print(f"  {name}: loaded in {load_s[name]:.1f} s, warmed up in "
               f"{sum(warmup_s[name, b] for b in batch_sizes):.1f} s", flush=True)
-    # Interleaved, so a burst of other load on the machine hits every backend alike; the order of
-    # the backends rotates between repeats.
-    runs = {key: [] for key in warmup_s}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for b in batch_sizes:
-            for name in order:
-                runs[name, b].append(backends[name].measure(prompts[:b], steps))
-        print(f"  repeat {r + 1}/{repeats} done", flush=True)
-    results = [_figures(name, b, load_s[name], warmup_s[name, b], runs[name, b])
+        return backend
+
+    def finish(name, backend):  # roofline figures need the engine's model: taken before it is freed
+        if isinstance(backend, EngineBackend):
+            for b in batch_sizes:
+                best = min(runs[name, b], key=lambda run: sum(run.step_times))
+                lines[name, b] = _roofline(backend.engine, prompts[:b], best, machine)
+
+    if at_once:
+        backends = {name: load(name) for name in names}
+        # Interleaved, so a burst of other load on the machine hits every backend alike; the order
+        # of the backends rotates between repeats.
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for b in batch_sizes:
+                for name in order:
+                    runs[name, b].append(backends[name].measure(prompts[:b], steps))
+            print(f"  repeat {r + 1}/{repeats} done", flush=True)
+        for name in names:
+            finish(name, backends[name])
+        del backends
+    else:
+        for name in names:
+            backend = load(name)
+            for r in range(repeats):
+                for b in batch_sizes:
+                    runs[name, b].append(backend.measure(prompts[:b], steps))
+            finish(name, backend)
+            del backend
+            gc.collect()
+    results = [{**_figures(name, b, load_s[name], warmup_s[name, b], runs[name, b]), **lines.get((name, b), {})}
                for b in batch_sizes for name in names]
     outputs = {name: {b: runs[name, b][0].outputs for b in batch_sizes} for name in names}
 
@@ -272,12 +344,15 @@ def run(args) -> dict:
 
     result = {
         "scenario": SCENARIO,
-        "machine": machine_info(),
+        "machine": {**machine_info(), **machine},
         "config": {
             "model": str(args.model), "device": args.device, "dtype": args.dtype, "transformers_dtype": "float32",
             "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs, "steps": steps,
             "decode_steps": steps - 1, "repeats": repeats, "batch_sizes": batch_sizes, "backends": names,
-            "prompts": "chat prompts of afd_compile.demo.tasks.held_out_set, greedy, EOS ignored",
+            "prompts": "chat prompts of afd_compile.demo.tasks.held_out_set" +
+                       (f", their numbers repeated to {prompt_len} tokens" if prompt_len else "") +
+                       ", greedy, EOS ignored",
+            "backends_at_once": at_once,
             "prompt_tokens": [len(p) for p in prompts],
         },
         "results": results,
@@ -290,6 +365,14 @@ def run(args) -> dict:
             for r in results]
     print()
     print(format_table(headers, rows))
+    print()
+    print(format_table(["batch", "backend", "MB/step", "experts/layer", "GB/s", "of roofline", "prefill GFLOP/s",
+                        "of matmul"],
+                       [[r["batch_size"], r["backend"], r["bytes_per_step"] / 1e6, r["touched_experts_per_layer"],
+                         r["achieved_bytes_per_s"] / 1e9, r["roofline_fraction"], r["prefill_flop_per_s"] / 1e9,
+                         r["prefill_fraction"]] for r in results if "bytes_per_step" in r]))
+    print(f"roofline: read bandwidth {machine['read_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s and fp32 matmul "
+          f"{machine['matmul']['flop_per_s'] / 1e9:.0f} GFLOP/s, measured in this run")
     for name, per_batch in ratios.items():
         print(f"{name} tok/s: " + ", ".join(f"B={b} {v:.2f}x" for b, v in per_batch.items()))
     path = write_json(result, SCENARIO if args.device == "cpu" else f"{SCENARIO}_{args.device}", args.out)

@@ -265,12 +265,80 @@ def test_bfloat16_keeps_router_fp32(tiny_greedy_checkpoint):
     assert model.ffn_halves[1].mlp.gate.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("ckpt_dtype,run_dtype", [("float32", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                                   ("bfloat16", torch.float32)])
+def test_weights_converted_as_read_equal_converting_after(tmp_path, ckpt_dtype, run_dtype):
+    """Oracle: the checkpoint's own tensors converted to the running dtype afterwards. Each tensor
+    is converted as it is read (no copy of the whole state in the checkpoint's dtype), with the
+    same values and the router kept fp32."""
+    from tests.conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "ckpt")
+    if ckpt_dtype == "bfloat16":
+        tensors = {k: v.bfloat16() for k, v in load_file(path / "model.safetensors").items()}
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    raw = load_file(path / "model.safetensors")
+    model = load_model(path, dtype=run_dtype)
+    gate = model.ffn_halves[1].mlp
+    assert gate.gate.weight.dtype == torch.float32
+    assert torch.equal(gate.gate.weight, raw["model.layers.1.mlp.gate.weight"].float())
+    assert model.attention_halves[0].self_attn.kv_b_proj.weight.dtype == run_dtype
+    assert torch.equal(model.attention_halves[0].self_attn.kv_b_proj.weight,
+                       raw["model.layers.0.self_attn.kv_b_proj.weight"].to(run_dtype))
+    assert gate.experts.down_proj.dtype == run_dtype
+    assert torch.equal(gate.experts.down_proj[3], raw["model.layers.1.mlp.experts.3.down_proj.weight"].to(run_dtype))
+
+
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) peak across exec.
+PEAK_RSS_SCRIPT = """
+import sys, torch
+from afd_compile.model.loader import load_model
+def status(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+load_model(sys.argv[3])  # imports and one-off set-up (the kernels' build) before measuring
+before = status('VmHWM')
+model = load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+peak = status('VmHWM')
+print(sum(p.numel() * p.element_size() for p in model.parameters()), before, peak)
+"""
+
+
+@pytest.mark.parametrize("run_dtype", ["bfloat16", "float32"])
+def test_loading_holds_one_copy_of_the_weights(tmp_path, run_dtype, tiny_greedy_checkpoint):
+    """Oracle: the weights' own bytes in the running dtype. The resident set grows by at most
+    1.25x them while loading a bf16 checkpoint (~200 MB): no second copy in the checkpoint's
+    dtype, and no mapped file left resident beside the loaded tensors."""
+    from tests.conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "ckpt", hidden_size=512, moe_intermediate_size=352, n_routed_experts=64,
+                           num_experts_per_tok=6, intermediate_size=1024, num_hidden_layers=3)
+    tensors = {k: v.bfloat16() for k, v in load_file(path / "model.safetensors").items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    del tensors
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path), run_dtype,
+                          str(tiny_greedy_checkpoint)], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    weights, before, peak = map(int, out[-3:])
+    assert weights > 100e6
+    assert peak - before <= 1.25 * weights, f"grew {(peak - before) / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
 # ---------------------------------------------------------------- errors
 
 def _expect(match: str, fn, *args, **kwargs) -> str:
     with pytest.raises(AfdError, match=match) as info:
         fn(*args, **kwargs)
     return str(info.value)
+
+
+def test_weights_larger_than_memory_refused_before_reading(tiny_greedy_checkpoint, monkeypatch, record_reads):
+    """A checkpoint whose weights exceed the memory available is refused with the sizes named,
+    before a single tensor is read."""
+    monkeypatch.setattr(loader, "available_memory", lambda: 1000)
+    message = _expect(r"take .* GB in float32 but only 0\.0 GB of memory is available", load_model,
+                      tiny_greedy_checkpoint)
+    assert "bfloat16" in message
+    assert record_reads == []
 
 
 def test_missing_directory(tmp_path):

@@ -117,26 +117,64 @@ def _target(name: str, model: DeepseekV2) -> str | None:
 
 
 class _Reader:
-    """Opens each safetensors file once and reads tensors or slices of them on demand."""
+    """Reads tensors (or expert slices of them) one at a time, each straight into the running dtype
+    and device. A file is mapped only while one of its tensors is read: safetensors reads through
+    mmap, and pages a mapping has touched count in the process's resident set until it is closed,
+    so a file kept open through the whole load would hold a second copy of the weights there."""
 
-    def __init__(self):
-        self._open = {}
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype, device):
+        self.files, self.dtype, self.device = files, dtype, device
 
     def handle(self, file: Path):
-        if file not in self._open:
-            self._open[file] = _safe_open(file)
-        return self._open[file]
+        return _safe_open(file)
+
+    def get(self, name: str, rows: slice | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        f = self.handle(self.files[name])  # unmapped when this frame drops it
+        tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+        return tensor.to(device=self.device, dtype=dtype or self.dtype)
 
 
-def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
+def _dtype_for(key: str, dtype: torch.dtype) -> torch.dtype:
+    """The router stays fp32 (as in transformers): expert choice must not flip with the dtype."""
+    return torch.float32 if key.endswith("mlp.gate.weight") else dtype
+
+
+def weights_nbytes(model: DeepseekV2, dtype: torch.dtype) -> int:
+    """Bytes the model's parameters take in the running dtype (model on the meta device)."""
+    return sum(t.numel() * _dtype_for(k, dtype).itemsize for k, t in model.state_dict().items())
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(path: Path, model: DeepseekV2, dtype: torch.dtype) -> None:
+    """Refuses, before reading anything, weights that cannot fit the memory available now."""
+    need, have = weights_nbytes(model, dtype), available_memory()
+    if have is not None and need > have:
+        raise AfdError(f"the {model.part} weights of {path} take {need / 1e9:.1f} GB in {str(dtype).removeprefix('torch.')}"
+                       f" but only {have / 1e9:.1f} GB of memory is available; use a smaller --dtype "
+                       "(bfloat16 halves float32), fewer layers, or more FFN ranks (each holds its experts only)")
+
+
+def load_state_dict(path: Path, model: DeepseekV2, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors for `model`, in `dtype` on `device`: each tensor is converted as it
+    is read, so no second copy of the weights is ever held."""
     files = weight_files(path)
     wanted = dict(model.state_dict())
-    reader = _Reader()
+    reader = _Reader(files, dtype, device)
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, set[tuple[int, str]]] = {}  # stacked key -> (local expert, matrix) read into it
     todo = [(name, target) for name in files if (target := _target(name, model)) is not None]
     for name, target in tqdm(todo, desc=f"loading {path.name} ({model.part})", unit="tensor", disable=None):
-        f = reader.handle(files[name])
         m = _EXPERT.search(target)
         if m is not None:  # one expert's matrix: goes into the stacked tensor, if this rank holds it
             moe = model.get_submodule(target[: target.index(".mlp.") + 4])
@@ -148,9 +186,9 @@ def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
             stacked = "down_proj" if m[2] == "down_proj" else "gate_up_proj"
             key = prefix + stacked
             if key not in out:
-                out[key] = torch.empty(wanted[key].shape, dtype=wanted[key].dtype)
+                out[key] = torch.empty(wanted[key].shape, dtype=dtype, device=device)
             rows = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter), "down_proj": slice(None)}[m[2]]
-            tensor, dest = f.get_tensor(name), out[key][local, rows]
+            tensor, dest = reader.get(name), out[key][local, rows]
             if tensor.shape != dest.shape:
                 raise AfdError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                                f"config.json implies {tuple(dest.shape)}")
@@ -159,9 +197,9 @@ def load_state_dict(path: Path, model: DeepseekV2) -> dict[str, torch.Tensor]:
         elif target.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             moe = model.get_submodule(target.removesuffix(".experts.gate_up_proj").removesuffix(".experts.down_proj"))
             n_local = moe.experts.down_proj.shape[0]
-            out[target] = f.get_slice(name)[moe.first_expert : moe.first_expert + n_local]
+            out[target] = reader.get(name, slice(moe.first_expert, moe.first_expert + n_local))
         else:
-            out[target] = f.get_tensor(name)
+            out[target] = reader.get(name, dtype=_dtype_for(target, dtype))
     if model.has_attention and "lm_head.weight" not in out and model.cfg.tie_word_embeddings:
         out["lm_head.weight"] = out.get("embed_tokens.weight")
     missing = sorted(set(wanted) - set(out))
@@ -192,10 +230,9 @@ def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int
         raise AfdError(f"ep_rank={ep_rank} is out of range for ep_size={ep_size}")
     with torch.device("meta"):
         model = DeepseekV2(cfg, part, ep_rank, ep_size)
-    state = load_state_dict(path, model)
-    # The router stays fp32 (as in transformers): expert choice must not flip with the dtype.
-    state = {k: v.to(device=device, dtype=torch.float32 if k.endswith("mlp.gate.weight") else dtype)
-             for k, v in state.items()}
+    if torch.device(device).type == "cpu":
+        check_fits_in_memory(path, model, dtype)
+    state = load_state_dict(path, model, dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
     if model.has_ffn and torch.device(device).type == "cpu":
         cpu_kernels()  # built (or found in the cache) before anything compiles a step
