@@ -341,11 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
     _engine_args(p)
-    p.add_argument("--scenario", choices=["monolithic", "connector", "serve", "moe", "afd"], required=True)
-    p.add_argument("--batch-sizes", default="1,16,64", help="comma-separated decode batch sizes")
+    p.add_argument("--scenario", choices=["monolithic", "connector", "serve", "moe", "afd", "peers"], required=True)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated decode batch sizes (default 1,16,64; peers 1,16)")
     p.add_argument("--steps", type=int, default=32, help="decode steps measured per configuration")
-    p.add_argument("--backends", default="compiled,eager,transformers",
-                   help="comma-separated backends to measure: compiled, eager, transformers")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends to measure: compiled, eager, transformers (default: all three); "
+                        "peers: afd-compile, transformers, vllm (default: all three)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="peers: comma-separated weight dtypes")
     p.add_argument("--repeats", type=int, default=3,
                    help="measurements per configuration, interleaved across backends; the fastest is reported")
     p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")

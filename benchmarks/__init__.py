@@ -23,6 +23,10 @@ def run_scenario(args) -> dict:
         from benchmarks.afd import run
 
         return run(args)
+    if args.scenario == "peers":
+        from benchmarks.peers import run
+
+        return run(args)
     if args.scenario == "moe":
         from benchmarks.moe import run
 

@@ -40,7 +40,7 @@ import torch
 from afd_compile.errors import AfdError
 from afd_compile.planner import Profile, at, fit_line, step_time
 
-from benchmarks.monolithic import EngineBackend, _batch_sizes, _prompts
+from benchmarks.monolithic import DEFAULT_BATCH_SIZES, EngineBackend, _batch_sizes, _prompts
 from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_json
 
 SCENARIO = "afd"
@@ -294,7 +294,7 @@ def run(args) -> dict:
     if len(cores) < 2:
         raise AfdError(f"the afd scenario pins each rank to its own core: needs 2 usable cores, found {len(cores)}")
     cores = cores[:2]
-    batches = _batch_sizes(args.batch_sizes)
+    batches = _batch_sizes(args.batch_sizes or DEFAULT_BATCH_SIZES)
     m_values = [m for m in _ints(args.micro_batch_sweep, "micro-batch-sweep") if m >= 1]
     delays = [d for d in _ints(args.delays_us, "delays-us") if d > 0]
     overlap_batch = args.overlap_batch

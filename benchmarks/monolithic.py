@@ -10,7 +10,7 @@ measured: tokens/s = B * (steps - 1) / decode wall time, ms/step = decode wall t
   compilation is excluded from the figures and reported separately as warm-up time. Then B
   requests are added and every `engine.step()` is timed; a step is prefill while any request
   still has uncached prompt tokens, decode afterwards.
-- transformers: `DeepseekV2ForCausalLM.generate` in float32, greedy,
+- transformers: `DeepseekV2ForCausalLM.generate` in the same --dtype, greedy,
   `max_new_tokens = min_new_tokens = steps`, prompts left-padded, its default dynamic cache.
   Rather than subtracting a 1-token `generate` from a `steps`-token one (two noisy runs on a
   shared machine), one `generate` is timed from inside: a StoppingCriteria records a timestamp
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from afd_compile.config import DTYPES
 from afd_compile.errors import AfdError
 
 from benchmarks.report import format_table, machine_info, write_json
@@ -54,6 +55,7 @@ SCENARIO = "monolithic"
 BACKENDS = ("compiled", "eager", "transformers")
 DEFAULT_MAX_MODEL_LEN = 128
 DEFAULT_REPEATS = 3
+DEFAULT_BATCH_SIZES = "1,16,64"
 WARMUP_TOKENS = 3  # transformers: prefill + 2 decode steps, the second running what the first set up
 
 
@@ -176,7 +178,7 @@ class EngineBackend:
 
 
 class TransformersBackend:
-    """`DeepseekV2ForCausalLM.generate`, float32, greedy, left-padded prompts, timed from inside."""
+    """`DeepseekV2ForCausalLM.generate` in --dtype, greedy, left-padded prompts, timed from inside."""
 
     name = "transformers"
 
@@ -184,7 +186,7 @@ class TransformersBackend:
         from transformers import DeepseekV2ForCausalLM
 
         self.device = args.device
-        self.model = DeepseekV2ForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(self.device).eval()
+        self.model = DeepseekV2ForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(self.device).eval()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def warm_up(self, prompts: list[list[int]], steps: int) -> float:
@@ -237,13 +239,12 @@ def _roofline(engine, prompts, run: Run, machine: dict) -> dict:
 
 def _fits_at_once(args, names: list[str]) -> bool:
     """Whether every backend's copy of the weights fits in memory together (else one at a time)."""
-    from afd_compile.config import DTYPES
     from afd_compile.model.decoder import DeepseekV2
     from afd_compile.model.loader import available_memory, load_config, weights_nbytes
 
     with torch.device("meta"):
         model = DeepseekV2(load_config(args.model))
-    need = sum(weights_nbytes(model, torch.float32 if n == "transformers" else DTYPES[args.dtype]) for n in names)
+    need = len(names) * weights_nbytes(model, DTYPES[args.dtype])
     have = available_memory()
     return have is None or need < 0.6 * have
 
@@ -252,7 +253,7 @@ def run(args) -> dict:
     from afd_compile.model.loader import load_config, load_tokenizer
     from benchmarks import roofline
 
-    batch_sizes = _batch_sizes(args.batch_sizes)
+    batch_sizes = _batch_sizes(args.batch_sizes or DEFAULT_BATCH_SIZES)
     names = _backends(getattr(args, "backends", None))
     steps, repeats = args.steps, getattr(args, "repeats", DEFAULT_REPEATS)
     prompt_len = getattr(args, "prompt_len", None)
@@ -346,7 +347,7 @@ def run(args) -> dict:
         "scenario": SCENARIO,
         "machine": {**machine_info(), **machine},
         "config": {
-            "model": str(args.model), "device": args.device, "dtype": args.dtype, "transformers_dtype": "float32",
+            "model": str(args.model), "device": args.device, "dtype": args.dtype,
             "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs, "steps": steps,
             "decode_steps": steps - 1, "repeats": repeats, "batch_sizes": batch_sizes, "backends": names,
             "prompts": "chat prompts of afd_compile.demo.tasks.held_out_set" +

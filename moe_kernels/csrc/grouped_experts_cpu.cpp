@@ -53,9 +53,15 @@ template <typename W, int nr, int mb>
 inline void block(const float* const* x, int64_t K, const W* w, int64_t n, float* y, int64_t ldy) {
   const int64_t kv = K / V * V;
   vf acc[nr][mb] = {};  // mb and nr are compile-time, so the accumulators live in registers
+  // The hardware prefetchers stop at page boundaries, and a weight row is a page or two: fetch
+  // the next rows' lines ahead while these are consumed (measured: bf16 10 -> 12.6 GB/s on one core, fp32 unchanged).
+  const W* next = w + (n + nr) * K;
   for (int64_t k = 0; k < kv; k += V) {
     vf wv[nr];
-    for (int j = 0; j < nr; ++j) wv[j] = load(w + (n + j) * K + k);
+    for (int j = 0; j < nr; ++j) {
+      __builtin_prefetch(next + j * K + k, 0, 3);
+      wv[j] = load(w + (n + j) * K + k);
+    }
     for (int m = 0; m < mb; ++m) {
       const vf xv = load(x[m] + k);
       for (int j = 0; j < nr; ++j) acc[j][m] += wv[j] * xv;
