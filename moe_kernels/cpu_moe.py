@@ -80,6 +80,30 @@ def chosen() -> dict[tuple, str]:
     return dict(_choice)
 
 
+_linear_choice: dict[tuple, bool] = {}  # (rows bucket, n, k, dtype) -> stream is faster
+
+
+@torch.compiler.assume_constant_result  # called while tracing a step: the choice is a constant of its graph
+def linear_prefers_stream(rows: int, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether the C++ weight-streaming kernel computes x [rows, k] @ w [n, k]^T faster than
+    F.linear (oneDNN / MKL) at this shape and dtype, measured once per process on random data
+    of the shape: which wins depends on the machine (AMX, AVX2) as much as on the rows."""
+    rows = 1 << (rows - 1).bit_length()
+    key = (rows, n, k, dtype)
+    if key not in _linear_choice:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        times = {}
+        for name, fn in (("stream", torch.ops.moe_cpu.linear), ("linear", torch.nn.functional.linear)):
+            fn(x, w)
+            times[name] = min(_timed(fn, (x, w))[0] for _ in range(3))
+        _linear_choice[key] = times["stream"] < times["linear"]
+        log.debug("moe_kernels: linear %s -> %s (%s)", key, "stream" if _linear_choice[key] else "F.linear",
+                  ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in times.items()))
+    return _linear_choice[key]
+
+
 def cpu_fused_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
     name, out = choose(x, topk_weights, topk_ids, w13, w2, first_expert)
     if out is not None:

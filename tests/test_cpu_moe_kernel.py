@@ -155,3 +155,56 @@ def test_compiled_moe_layer_exact_at_every_batch_bucket(dtype):
         ref = loop_reference(x, weights, ids, moe.experts.gate_up_proj, moe.experts.down_proj, 0)
         with torch.inference_mode():
             assert rel_err(step(x), ref) < tol, f"{tokens} tokens"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_stream_linear_matches_float64_matmul(dtype, rows):
+    """x @ w^T at a dense layer's width (2048 -> 2816), the 2-byte weights widened in registers:
+    within fp32 summation of the float64 product of the same rounded weights; any leading shape."""
+    gen = torch.Generator().manual_seed(rows)
+    w = (torch.randn(2 * INTER, HIDDEN, generator=gen) / HIDDEN ** 0.5).to(dtype)
+    x = torch.randn(1, rows, HIDDEN, generator=gen)
+    y = torch.ops.moe_cpu.linear(x, w)
+    assert y.shape == (1, rows, 2 * INTER) and y.dtype == torch.float32
+    assert rel_err(y, x.double() @ w.double().t()) < 1e-5
+    assert torch.ops.moe_cpu.linear(x.to(dtype), w).dtype == dtype
+
+
+@pytest.mark.parametrize("bias,stream_faster", [(False, True), (False, False), (True, True)])
+def test_compiled_bf16_linear_equals_eager(bias, stream_faster, monkeypatch):
+    """Oracle: F.linear in float64 on the same bf16 weights. A compiled decode-sized call (4 rows)
+    with bf16 weights streams them through the C++ kernel where that measured faster, else (and
+    with a bias) keeps F.linear; either within bf16's rounding of the output."""
+    from afd_compile.model import layers
+    from afd_compile.model.layers import Linear
+
+    monkeypatch.setattr(layers, "linear_prefers_stream", lambda *shape: stream_faster)
+
+    torch.manual_seed(0)
+    layer = Linear(512, 384, bias=bias).to(torch.bfloat16)
+    x = torch.randn(4, 1, 512).to(torch.bfloat16)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graph, to see which op it calls
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.inference_mode():
+        got = torch.compile(layer, backend=backend, dynamic=False, fullgraph=True)(x)
+    targets = {n.target for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert (torch.ops.moe_cpu.linear.default in targets or torch.ops.moe_cpu.linear in targets) == \
+        (stream_faster and not bias)
+    ref = torch.nn.functional.linear(x.double(), layer.weight.double(), None if layer.bias is None else
+                                     layer.bias.double())
+    assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 1e-2
+
+
+def test_linear_choice_measured_once_per_row_bucket(monkeypatch):
+    """The stream-or-F.linear choice is a measurement at the shape's row bucket, kept for the process."""
+    monkeypatch.setattr(cpu_moe, "_linear_choice", {})
+    first = cpu_moe.linear_prefers_stream(3, 256, 512, torch.bfloat16)
+    assert isinstance(first, bool) and list(cpu_moe._linear_choice) == [(4, 256, 512, torch.bfloat16)]
+    assert cpu_moe.linear_prefers_stream(4, 256, 512, torch.bfloat16) == first
+    assert len(cpu_moe._linear_choice) == 1

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from afd_compile.model.kv_cache import MLAKVCache
-from afd_compile.model.layers import RMSNorm
+from afd_compile.model.layers import Linear, RMSNorm
 from afd_compile.model.rope import apply_rope
 
 
@@ -74,15 +74,15 @@ class MLA(nn.Module):
         qk_dim = self.num_heads * (self.nope + self.rope)
         bias = cfg.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.hidden_size, qk_dim, bias=False)
+            self.q_proj = Linear(cfg.hidden_size, qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.rope, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
         self.scale = softmax_scale(cfg)
         self.kv_cache: MLAKVCache | None = None
 

@@ -14,7 +14,7 @@ from torch import nn
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
 from afd_compile.model.ffn_half import FFNHalf
 from afd_compile.model.kv_cache import MLAKVCache
-from afd_compile.model.layers import RMSNorm
+from afd_compile.model.layers import Linear, RMSNorm
 from afd_compile.model.rope import rope_tables
 
 PARTS = ("all", "attention", "ffn")
@@ -33,7 +33,7 @@ class DeepseekV2(nn.Module):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             self.attention_halves = nn.ModuleList(AttentionHalf(cfg) for _ in range(n))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.has_ffn:
             self.ffn_halves = nn.ModuleList(FFNHalf(cfg, i, ep_rank, ep_size) for i in range(n))
 

@@ -18,8 +18,9 @@ from moe_kernels import cpu_build, fused_experts, select_experts
 # CPU: a compiled decode step of more than one token runs the routed experts in moe_kernels' C++
 # kernel, called from the graph without Python, which reads each touched expert's weights once
 # however many (token, k) pairs chose it (decode at width is bound by reading them). One token
-# touches top_k distinct experts, so evaluating one expert per pair inside the graph reads the
-# same bytes and fuses with its neighbours (the demo model's batch-1 step). Past
+# touches top_k distinct experts, so with fp32 weights evaluating one expert per pair inside the
+# graph reads the same bytes and fuses with its neighbours (the demo model's batch-1 step);
+# inductor's loops read 2-byte weights slower than the kernel (measured: 18 vs 23 GB/s). Past
 # STREAM_MAX_TOKENS, and eagerly, the fused_experts op picks a kernel by measuring at the shape.
 # GPUs take the Triton grouped matmul at every size.
 STREAM_MAX_TOKENS = 64
@@ -78,7 +79,7 @@ class MoE(nn.Module):
         weights, ids = self.route(x)
         args = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
         if not x.is_cuda and torch.compiler.is_compiling() and x.shape[0] <= STREAM_MAX_TOKENS:
-            if x.shape[0] == 1:
+            if x.shape[0] == 1 and self.experts.down_proj.dtype == torch.float32:
                 return gathered_experts(*args)
             if cpu_build.LOADED:
                 return torch.ops.moe_cpu.grouped_experts(*args)

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_kernels import cpu_build
+from moe_kernels.cpu_moe import linear_prefers_stream
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -20,14 +23,36 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# Rows up to which a compiled CPU step with 2-byte weights may stream them through the C++ kernel.
+STREAM_MAX_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """nn.Linear; in a compiled CPU decode step with bf16 / fp16 weights and a few rows, the
+    weight can be streamed once through moe_kernels' C++ kernel (fp32 accumulation), called from
+    the graph without Python: decode reads weights, and that kernel reads 2-byte ones faster than
+    oneDNN on AVX2 machines or inductor's generated loops, while oneDNN on AMX wins from a few
+    rows on; the shape's choice is measured when the step is traced. fp32 keeps inductor's own
+    path, at the roofline already."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1]
+        if (self.bias is None and torch.compiler.is_compiling() and x.device.type == "cpu" and cpu_build.LOADED
+                and w.dtype in (torch.bfloat16, torch.float16) and rows <= STREAM_MAX_ROWS
+                and linear_prefers_stream(rows, *w.shape, w.dtype)):
+            return torch.ops.moe_cpu.linear(x, w)
+        return F.linear(x, w, self.bias)
+
+
 class SwiGLU(nn.Module):
     """DeepSeek's dense MLP and shared experts: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

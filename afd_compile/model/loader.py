@@ -234,6 +234,6 @@ def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int
         check_fits_in_memory(path, model, dtype)
     state = load_state_dict(path, model, dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
-    if model.has_ffn and torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu":
         cpu_kernels()  # built (or found in the cache) before anything compiles a step
     return model.eval().requires_grad_(False)
