@@ -208,3 +208,20 @@ def test_linear_choice_measured_once_per_row_bucket(monkeypatch):
     assert isinstance(first, bool) and list(cpu_moe._linear_choice) == [(4, 256, 512, torch.bfloat16)]
     assert cpu_moe.linear_prefers_stream(4, 256, 512, torch.bfloat16) == first
     assert len(cpu_moe._linear_choice) == 1
+
+
+def test_kernel_build_failure_is_one_warning_and_the_torch_path(monkeypatch, caplog):
+    """No compiler (or headers, or linker): one warning line, and the caller falls back."""
+    import torch.utils.cpp_extension
+
+    from moe_kernels import cpu_build
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension 'moe_cpu': c++: command not found\nmore detail")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
+    with caplog.at_level("WARNING", logger="afd.kernels"):
+        assert cpu_build.cpu_kernels.__wrapped__() is False
+    (record,) = caplog.records
+    assert "C++ CPU kernels unavailable" in record.message and "command not found" in record.message
+    assert "\n" not in record.message

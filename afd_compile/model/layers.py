@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels import cpu_build
-from moe_kernels.cpu_moe import linear_prefers_stream
+from moe_kernels.cpu_moe import STREAM_DTYPES, linear_prefers_stream
 
 
 class RMSNorm(nn.Module):
@@ -23,23 +23,23 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-# Rows up to which a compiled CPU step with 2-byte weights may stream them through the C++ kernel.
+# Rows up to which a compiled CPU step may stream its weights through the C++ kernel.
 STREAM_MAX_ROWS = 16
 
 
 class Linear(nn.Linear):
-    """nn.Linear; in a compiled CPU decode step with bf16 / fp16 weights and a few rows, the
-    weight can be streamed once through moe_kernels' C++ kernel (fp32 accumulation), called from
-    the graph without Python: decode reads weights, and that kernel reads 2-byte ones faster than
-    oneDNN on AVX2 machines or inductor's generated loops, while oneDNN on AMX wins from a few
-    rows on; the shape's choice is measured when the step is traced. fp32 keeps inductor's own
-    path, at the roofline already."""
+    """nn.Linear; in a compiled CPU decode step with a few rows, the weight can be streamed once
+    through moe_kernels' C++ kernel (fp32 accumulation), called from the graph without Python.
+    Decode reads weights: that kernel reads 2-byte ones faster than oneDNN on AVX2 machines or
+    inductor's generated loops, and fp32 ones faster than MKL's small-M sgemm (which packs the
+    weight first), while oneDNN on AMX wins from a few bf16 rows on. Which is faster at a shape
+    is measured when the step is traced."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         rows = x.numel() // x.shape[-1]
         if (self.bias is None and torch.compiler.is_compiling() and x.device.type == "cpu" and cpu_build.LOADED
-                and w.dtype in (torch.bfloat16, torch.float16) and rows <= STREAM_MAX_ROWS
+                and w.dtype in STREAM_DTYPES and rows <= STREAM_MAX_ROWS
                 and linear_prefers_stream(rows, *w.shape, w.dtype)):
             return torch.ops.moe_cpu.linear(x, w)
         return F.linear(x, w, self.bias)
