@@ -94,16 +94,11 @@ def routed_experts(model, prompts: list[list[int]], outputs: list[list[int]]) ->
     """Per MoE layer, per request, the expert ids each position's token was routed to, from one
     forward over prompt + outputs (the last output never entered the model). Uses KV slots
     0..B-1 of an idle engine; the model's numerics are the decode step's up to float order."""
+    from afd_compile.model.decoder import padded_batch
+
     seqs = [p + o[:-1] for p, o in zip(prompts, outputs)]
-    B, L = len(seqs), max(map(len, seqs))
-    scratch = model.scratch_slot
-    tokens = torch.zeros(B, L, dtype=torch.long)
-    positions = torch.zeros(B, L, dtype=torch.long)
-    write = torch.full((B, L), scratch, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
-        positions[i, :len(s)] = torch.arange(len(s))
-        write[i, :len(s)] = i
+    tokens, positions, write, read, L = padded_batch(seqs, model.scratch_slot)
+    B = len(seqs)
     recorded: dict[int, torch.Tensor] = {}
     originals = {}
     for i, half in enumerate(model.ffn_halves):
@@ -116,7 +111,7 @@ def routed_experts(model, prompts: list[list[int]], outputs: list[list[int]]) ->
                 return weights, ids
             moe.route = route
     try:
-        model(tokens, positions, write, torch.arange(B), torch.zeros(B, dtype=torch.long), L)
+        model(tokens, positions, write, read, torch.zeros(B, dtype=torch.long), L)
     finally:
         for moe in originals.values():
             del moe.route

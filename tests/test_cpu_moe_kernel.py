@@ -128,13 +128,13 @@ def test_float64_weights_take_the_sort_path(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_moe_layer_exact_at_every_batch_bucket(dtype):
     """A MoE layer's routed output, compiled with static shapes as a decode step is, at every
-    default batch bucket and past the streaming kernel's range: whichever kernel each shape
-    takes (one expert per pair at 1 token, the C++ kernel inside the graph, the measured op
-    beyond), the float64 loop's result."""
+    default batch bucket and past them: whichever kernel each shape takes (16 experts top-4: one
+    expert per pair at 1 token in fp32, the C++ kernel inside the graph up to 32 tokens, one
+    expert per pair again up to 64, the measured op beyond), the float64 loop's result."""
     from types import SimpleNamespace
 
     from afd_compile.config import DEFAULT_BUCKETS
-    from afd_compile.model.ffn_half import STREAM_MAX_TOKENS, MoE
+    from afd_compile.model.ffn_half import MoE
 
     cfg = SimpleNamespace(hidden_size=256, n_routed_experts=16, moe_intermediate_size=96, n_shared_experts=0,
                           num_experts_per_tok=4, topk_method="greedy", n_group=1, topk_group=1,
@@ -149,7 +149,7 @@ def test_compiled_moe_layer_exact_at_every_batch_bucket(dtype):
     torch._dynamo.reset()
     step = torch.compile(moe.routed, dynamic=False, fullgraph=True)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for tokens in (*DEFAULT_BUCKETS, 2 * STREAM_MAX_TOKENS):
+    for tokens in (*DEFAULT_BUCKETS, 128):
         x = torch.randn(tokens, cfg.hidden_size).to(dtype)
         weights, ids = moe.route(x)
         ref = loop_reference(x, weights, ids, moe.experts.gate_up_proj, moe.experts.down_proj, 0)
@@ -182,8 +182,8 @@ def test_compiled_bf16_linear_equals_eager(bias, stream_faster, monkeypatch):
     monkeypatch.setattr(layers, "linear_prefers_stream", lambda *shape: stream_faster)
 
     torch.manual_seed(0)
-    layer = Linear(512, 384, bias=bias).to(torch.bfloat16)
-    x = torch.randn(4, 1, 512).to(torch.bfloat16)
+    layer = Linear(1024, 1024, bias=bias).to(torch.bfloat16)  # 2 MB: large enough to stream
+    x = torch.randn(4, 1, 1024).to(torch.bfloat16)
     torch._dynamo.reset()
     graphs = []
 

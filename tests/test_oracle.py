@@ -16,6 +16,7 @@ from transformers import DeepseekV2ForCausalLM
 from afd_compile.config import EngineConfig
 from afd_compile.engine import LLMEngine, SamplingParams
 from afd_compile.model.attention_half import softmax_scale
+from afd_compile.model.decoder import padded_batch
 from afd_compile.model.loader import load_model
 from afd_compile.model.rope import rope_tables
 
@@ -35,26 +36,13 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
     return [torch.randint(7, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def batch_inputs(prompts: list[list[int]], scratch: int):
-    """Right-padded [B, L] tokens/positions/write slots; row i uses KV slot i, padding the scratch slot."""
-    B, L = len(prompts), max(map(len, prompts))
-    tokens = torch.zeros(B, L, dtype=torch.long)
-    positions = torch.zeros(B, L, dtype=torch.long)
-    write_slots = torch.full((B, L), scratch, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-        positions[i, :len(p)] = torch.arange(len(p))
-        write_slots[i, :len(p)] = i
-    return tokens, positions, write_slots, torch.arange(B), L
-
-
 @torch.inference_mode()
 def our_logits(model, prompts: list[list[int]], positions_wanted: str = "last") -> list[torch.Tensor]:
     """Per prompt, logits [n, vocab] at every position ("all") or [1, vocab] at the last one,
     from one batched prefill (the forward returns the row's logits at last_idx; "all" asks once
     per column, rewriting the same cache entries)."""
     model.setup_caches(len(prompts), MAX_MODEL_LEN)
-    tokens, positions, write_slots, read_slots, L = batch_inputs(prompts, model.scratch_slot)
+    tokens, positions, write_slots, read_slots, L = padded_batch(prompts, model.scratch_slot)
     lengths = torch.tensor([len(p) for p in prompts])
     if positions_wanted == "last":
         logits = model(tokens, positions, write_slots, read_slots, lengths - 1, L)

@@ -20,6 +20,20 @@ from afd_compile.model.rope import rope_tables
 PARTS = ("all", "attention", "ffn")
 
 
+def padded_batch(seqs: list[list[int]], scratch: int):
+    """Whole sequences as one right-padded forward from position 0: tokens, positions and write
+    slots [B, L] (row i in KV slot i, padding in the scratch slot), read slots [B] and L."""
+    B, L = len(seqs), max(map(len, seqs))
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    positions = torch.zeros(B, L, dtype=torch.long)
+    write_slots = torch.full((B, L), scratch, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+        positions[i, :len(s)] = torch.arange(len(s))
+        write_slots[i, :len(s)] = i
+    return tokens, positions, write_slots, torch.arange(B), L
+
+
 class DeepseekV2(nn.Module):
     def __init__(self, cfg, part: str = "all", ep_rank: int = 0, ep_size: int = 1):
         super().__init__()

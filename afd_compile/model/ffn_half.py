@@ -15,15 +15,18 @@ from afd_compile.model.layers import RMSNorm, SwiGLU
 from moe_kernels import cpu_build, fused_experts, select_experts
 
 
-# CPU: a compiled decode step of more than one token runs the routed experts in moe_kernels' C++
-# kernel, called from the graph without Python, which reads each touched expert's weights once
-# however many (token, k) pairs chose it (decode at width is bound by reading them). One token
-# touches top_k distinct experts, so with fp32 weights evaluating one expert per pair inside the
-# graph reads the same bytes and fuses with its neighbours (the demo model's batch-1 step);
-# inductor's loops read 2-byte weights slower than the kernel (measured: 18 vs 23 GB/s). Past
-# STREAM_MAX_TOKENS, and eagerly, the fused_experts op picks a kernel by measuring at the shape.
-# GPUs take the Triton grouped matmul at every size.
-STREAM_MAX_TOKENS = 64
+# CPU, in a compiled decode step: moe_kernels' C++ kernel, called from the graph without Python,
+# reads each touched expert's weights once however many (token, k) pairs chose it (decode at
+# width is bound by reading them). Its per-row work is not register-blocked, so past
+# STREAM_MAX_ROWS_PER_EXPERT rows an expert on average it turns compute-bound (measured), and
+# small experts (the demo model's, in cache) are then faster as one expert evaluation per pair
+# inside the graph, where inductor fuses the weight gather into its loops; that also holds for
+# a single token with fp32 weights (top_k distinct experts: the same bytes), while inductor's
+# loops read 2-byte weights slower than the kernel (measured: 18 vs 23 GB/s). Otherwise, and
+# eagerly, the fused_experts op picks a kernel by measuring at the shape. GPUs take the Triton
+# grouped matmul at every size.
+STREAM_MAX_ROWS_PER_EXPERT = 8
+GATHERED_MAX_PAIRS = 256
 
 
 def gathered_experts(x, topk_weights, topk_ids, w13, w2, first_expert: int) -> torch.Tensor:
@@ -78,11 +81,14 @@ class MoE(nn.Module):
             return self.ep_routed(x)
         weights, ids = self.route(x)
         args = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
-        if not x.is_cuda and torch.compiler.is_compiling() and x.shape[0] <= STREAM_MAX_TOKENS:
+        if not x.is_cuda and torch.compiler.is_compiling():
+            pairs, num_local = ids.numel(), self.experts.down_proj.shape[0]
             if x.shape[0] == 1 and self.experts.down_proj.dtype == torch.float32:
                 return gathered_experts(*args)
-            if cpu_build.LOADED:
+            if cpu_build.LOADED and pairs <= STREAM_MAX_ROWS_PER_EXPERT * num_local:
                 return torch.ops.moe_cpu.grouped_experts(*args)
+            if pairs <= GATHERED_MAX_PAIRS:
+                return gathered_experts(*args)
         return fused_experts(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-# Rows up to which a compiled CPU step may stream its weights through the C++ kernel.
+# A compiled CPU step may stream a weight through the C++ kernel for up to this many rows, when
+# the weight is large enough to be read from memory: a smaller one is read from cache, and
+# inductor fusing its matmul with the neighbouring ops is worth more (the demo model's layers).
 STREAM_MAX_ROWS = 16
+STREAM_MIN_BYTES = 1 << 20
 
 
 class Linear(nn.Linear):
@@ -40,6 +43,7 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if (self.bias is None and torch.compiler.is_compiling() and x.device.type == "cpu" and cpu_build.LOADED
                 and w.dtype in STREAM_DTYPES and rows <= STREAM_MAX_ROWS
+                and w.numel() * w.element_size() >= STREAM_MIN_BYTES
                 and linear_prefers_stream(rows, *w.shape, w.dtype)):
             return torch.ops.moe_cpu.linear(x, w)
         return F.linear(x, w, self.bias)
