@@ -60,8 +60,6 @@ def test_decode_bytes_count_the_experts_each_step_routed_to(tiny_greedy_checkpoi
     """Oracle: the routing recorded inside the engine's own decode steps (eager, a hook on every
     MoE layer). The roofline's replay of the requests' tokens finds, for every step and layer,
     the same set of touched experts, and the bytes follow from them."""
-    import torch
-
     from afd_compile.config import EngineConfig
     from afd_compile.engine import LLMEngine, SamplingParams
     from benchmarks import roofline
