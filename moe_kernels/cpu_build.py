@@ -42,7 +42,9 @@ def cpu_kernels() -> bool:
     text = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
     key = hashlib.sha256(text + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
     try:
-        load(name=f"moe_cpu_{key}", sources=[str(p) for p in sources], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        # -fopenmp: at::parallel_for's OpenMP pragmas; the process shares torch's libgomp (same soname).
+        load(name=f"moe_cpu_{key}", sources=[str(p) for p in sources],
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=os.environ.get("AFD_VERBOSE_BUILD") == "1")
     except Exception as e:  # a missing compiler, headers or linker: any of them leaves the torch path
         log.warning("moe_kernels: C++ CPU kernels unavailable (%s: %s); using the torch path",

@@ -123,17 +123,11 @@ at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& topk_weights, 
   const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor a = w13.contiguous(), b = w2.contiguous();
   at::Tensor out = at::zeros({tokens, H}, x.options().dtype(at::kFloat));
-  const auto go = [&](auto tag) {
+  weight_stream::dispatch_weight_dtype(w13.scalar_type(), "grouped_experts", [&](auto tag) {
     using W = decltype(tag);
     run<W>(xf.data_ptr<float>(), H, ids.data_ptr<int64_t>(), wts.data_ptr<float>(), tokens, top_k,
            a.data_ptr<W>(), b.data_ptr<W>(), num_local, I, first_expert, out.data_ptr<float>());
-  };
-  switch (w13.scalar_type()) {
-    case at::kFloat: go(float{}); break;
-    case at::kBFloat16: go(c10::BFloat16{}); break;
-    case at::kHalf: go(c10::Half{}); break;
-    default: TORCH_CHECK(false, "grouped_experts: weights must be float32, bfloat16 or float16, got ", w13.scalar_type());
-  }
+  });
   return out.to(x.scalar_type());
 }
 

@@ -1,7 +1,7 @@
 // y = x @ w^T for a few rows of x (decode), streaming the weight once (weight_stream.h): the
-// dense layers, attention projections and shared experts of a decode step with 2-byte weights,
-// which oneDNN runs at half fp32's speed on AVX2 machines and inductor's generated loops
-// below the bandwidth a row-blocked stream reaches (measured in benchmarks/results).
+// dense layers, attention projections and shared experts of a decode step, where it measures
+// faster than F.linear (model/layers.py decides per shape). 2-byte weights run at half fp32's
+// speed through oneDNN on AVX2 machines, and MKL's small-M sgemm packs an fp32 weight first.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,7 +22,7 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   std::vector<const float*> rows(M);
   for (int64_t m = 0; m < M; ++m) rows[m] = xf.data_ptr<float>() + m * K;
-  const auto go = [&](auto tag) {
+  weight_stream::dispatch_weight_dtype(w.scalar_type(), "stream_linear", [&](auto tag) {
     using W = decltype(tag);
     const W* wp = wc.data_ptr<W>();
     // Blocks of >= 16 weight rows, about 4 per thread: each a contiguous stretch of the matrix.
@@ -30,13 +30,7 @@ at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w) {
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       weight_stream::rows_times_wt(rows.data(), M, K, wp, n0, n1, y.data_ptr<float>(), N);
     });
-  };
-  switch (w.scalar_type()) {
-    case at::kFloat: go(float{}); break;
-    case at::kBFloat16: go(c10::BFloat16{}); break;
-    case at::kHalf: go(c10::Half{}); break;
-    default: TORCH_CHECK(false, "stream_linear: weights must be float32, bfloat16 or float16, got ", w.scalar_type());
-  }
+  });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return y.to(x.scalar_type()).view(shape);

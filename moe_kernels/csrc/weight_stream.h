@@ -9,7 +9,9 @@
 
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -92,6 +94,17 @@ void rows_times_wt(const float* const* x, int64_t M, int64_t K, const W* w, int6
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) rows_block<W, NR>(x, M, K, w, n, y, ldy);
   for (; n < n1; ++n) rows_block<W, 1>(x, M, K, w, n, y, ldy);
+}
+
+// Calls f(W{}) with W the C++ type of the weights' dtype (float32, bfloat16 or float16).
+template <typename F>
+void dispatch_weight_dtype(c10::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case c10::kFloat: f(float{}); break;
+    case c10::kBFloat16: f(c10::BFloat16{}); break;
+    case c10::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": weights must be float32, bfloat16 or float16, got ", dtype);
+  }
 }
 
 }  // namespace weight_stream
