@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(p)
     p.set_defaults(func=cmd_launch)
 
-    p = sub.add_parser("bench", help="run a benchmark scenario (results under benchmarks/results/)")
+    p = sub.add_parser("bench", help="run a benchmark scenario (results under ~/.cache/afd-compile/bench/)")
     _engine_args(p)
     p.add_argument("--scenario", choices=["monolithic", "connector", "serve", "moe", "afd", "peers"], required=True)
     p.add_argument("--batch-sizes", default=None, help="comma-separated decode batch sizes (default 1,16,64; peers 1,16)")
@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="float32,bfloat16", help="peers: comma-separated weight dtypes")
     p.add_argument("--repeats", type=int, default=3,
                    help="measurements per configuration, interleaved across backends; the fastest is reported")
-    p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<scenario>.json)")
+    p.add_argument("--out", default=None, help="JSON result path (default: ~/.cache/afd-compile/bench/<scenario>.json; "
+                   "$AFD_CACHE_DIR moves it)")
     p.add_argument("--prompt-len", type=int, default=None,
                    help="monolithic: prompt tokens per request (default: the demo task's chat prompts, ~12)")
     p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="moe: token counts per layer call")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,13 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # The KV cache is static, [max_num_seqs, max_model_len, ...] per layer: cap the default so a
 # checkpoint advertising 160k positions does not allocate gigabytes on a laptop.
 DEFAULT_MAX_MODEL_LEN_CAP = 2048
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where afd writes what it may rebuild (benchmark runs, compiled kernels' caches), never the
+    checkout: $AFD_CACHE_DIR, else $XDG_CACHE_HOME/afd-compile, else ~/.cache/afd-compile."""
+    root = os.environ.get("AFD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "afd-compile"
+    return Path(root, *parts)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Benchmark scenarios behind `afd bench --scenario NAME`; results go to benchmarks/results/."""
+"""Benchmark scenarios behind `afd bench --scenario NAME`; results go to
+~/.cache/afd-compile/bench/ (afd_compile.config.cache_dir), or to an explicit --out; the committed ones
+are in benchmarks/results/."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ delay, and the cost model (afd_compile/planner.py) against measurement. `afd ben
   m >= 2 (1 + Tc / Tf), Tc the one-way delay and Tf the FFN time of one micro-batch; both are in
   the JSON.
 - Cost model: a profile is fitted from the timelines of 1A1F runs with one micro-batch (plus
-  the per-micro-batch cost from m = 2), written to benchmarks/results/profile.json, and every
+  the per-micro-batch cost from m = 2), written beside the result as profile.json, and every
   measured configuration is predicted from it (in-sample where it fed the fit).
 
 Every configuration of a comparison runs at once in its own spawned processes (see Deployment),
@@ -41,7 +41,7 @@ from afd_compile.errors import AfdError
 from afd_compile.planner import Profile, at, fit_line, step_time
 
 from benchmarks.monolithic import DEFAULT_BATCH_SIZES, EngineBackend, _batch_sizes, _prompts
-from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_json
+from benchmarks.report import format_table, machine_info, write_json
 
 SCENARIO = "afd"
 TIMEOUT_S = 900
@@ -403,7 +403,7 @@ def run(args) -> dict:
           f"(out of sample: {sum(abs(c['error']) <= 0.15 for c in comparison if not c['in_sample'])}/"
           f"{sum(not c['in_sample'] for c in comparison)}), median |error| {statistics.median(errs):.1%}")
     path = write_json(result, SCENARIO, args.out)
-    profile_path = path.with_name("profile.json") if args.out else RESULTS_DIR / "profile.json"
+    profile_path = path.with_name("profile.json")
     write_json({"profile": profile.to_json()}, "profile", profile_path)
     _plot(result, path.with_suffix(".png"))
     print(f"wrote {path}, {path.with_suffix('.png').name} and {profile_path} (for `afd plan --profile`)")

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import torch
 
+from afd_compile.config import cache_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Committed results (written by an explicit --out); a run without --out goes to RUNS_DIR, outside
+# the checkout, so running a benchmark never rewrites tracked files.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUNS_DIR = cache_dir("bench")
 
 
 def git_commit() -> str | None:
@@ -58,8 +63,8 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_json(result: dict, scenario: str, out: str | Path | None = None) -> Path:
-    """Writes `result` to `out`, or benchmarks/results/<scenario>.json; returns the path."""
-    path = Path(out) if out else RESULTS_DIR / f"{scenario}.json"
+    """Writes `result` to `out`, or RUNS_DIR/<scenario>.json; returns the path."""
+    path = Path(out) if out else RUNS_DIR / f"{scenario}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

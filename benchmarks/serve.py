@@ -23,7 +23,7 @@ import httpx
 from afd_compile.demo.tasks import held_out_set
 from afd_compile.roles.rendezvous import free_port
 from afd_compile.topology import Topology
-from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_json
+from benchmarks.report import format_table, machine_info, write_json
 
 
 def _start(deployment: str, args, port: int) -> subprocess.Popen:
@@ -124,7 +124,7 @@ def run(args) -> dict:
                          "enforce_eager": args.enforce_eager},
               "results": results}
     out = write_json(result, "serve", args.out)
-    plot = _plot(results, Path(out).with_suffix(".png") if args.out else RESULTS_DIR / "serve.png")
+    plot = _plot(results, Path(out).with_suffix(".png"))
     print(f"wrote {out} and {plot}")
     return result
 

@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from afd_compile.model.loader import DEFAULT_MODEL
-from benchmarks.report import RESULTS_DIR
+from benchmarks.report import RESULTS_DIR, RUNS_DIR
 from console import bench, chat, traces
 from console.launcher import Launcher, LaunchSpec, commands
 from console.validate import CONNECTORS, ConsoleError
@@ -34,7 +34,7 @@ def _frame(rows: list[list], headers: list[str]) -> pd.DataFrame:
 
 
 class Console:
-    def __init__(self, artifacts_dir: str | Path | None = None, results_dir: str | Path = RESULTS_DIR,
+    def __init__(self, artifacts_dir: str | Path | None = None, results_dir: str | Path = RUNS_DIR,
                  launcher: Launcher | None = None):
         self.artifacts = Path(artifacts_dir or tempfile.mkdtemp(prefix="afd-console-"))
         self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ class Console:
         """Generator -> (log, info markdown, table, image)"""
         try:
             args = bench.bench_args(scenario, batch_sizes, steps, repeats, backends, deployments, rates, requests,
-                                    out=bench.results_path(scenario, self.results_dir))
+                                    out=self.results_dir / f"{scenario}.json")
         except ConsoleError as e:
             yield f"⚠️ {e}", gr.skip(), gr.skip(), gr.skip()
             return
@@ -263,7 +263,7 @@ def main(host: str = "127.0.0.1", port: int = 7860) -> None:
     print(f"afd console on http://{host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM closes the page and stops the ranks, as Ctrl-C does
     try:
-        demo.queue().launch(server_name=host, server_port=port, allowed_paths=[str(c.artifacts), str(c.results_dir)],
+        demo.queue().launch(server_name=host, server_port=port, allowed_paths=[str(c.artifacts), str(c.results_dir), str(RESULTS_DIR)],
                             show_error=True, quiet=True)
     finally:
         c.launcher.stop()

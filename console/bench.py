@@ -1,9 +1,9 @@
-"""Run `afd bench` scenarios as subprocesses and show their results from benchmarks/results/.
+"""Run `afd bench` scenarios as subprocesses and show their results.
 
 A run is `python -m afd_compile.cli bench --scenario NAME ...` (an argument list), its output
-streamed into the page; like the CLI it writes benchmarks/results/NAME.json (serve, moe, afd:
-.png too).
-The tables are rebuilt from those JSON files, so results of earlier runs show without running.
+streamed into the page; like the CLI it writes RUNS_DIR/NAME.json (serve, moe, afd: .png too),
+outside the checkout. The tables are rebuilt from those JSON files, so results of earlier runs
+show without running; a scenario never run here shows the committed benchmarks/results/ file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.report import RESULTS_DIR
+from benchmarks.report import RESULTS_DIR, RUNS_DIR
 from console import validate
 from console.launcher import spawn
 from console.validate import ConsoleError
@@ -56,11 +56,14 @@ def bench_args(scenario: str, batch_sizes: str = "1,16,64", steps=32, repeats=3,
     return args
 
 
-def results_path(scenario: str, results_dir: Path = RESULTS_DIR) -> Path:
-    return Path(results_dir) / f"{scenario}.json"
+def results_path(scenario: str, results_dir: Path = RUNS_DIR) -> Path:
+    """The scenario's latest run in results_dir, else the committed result."""
+    path = Path(results_dir) / f"{scenario}.json"
+    committed = RESULTS_DIR / f"{scenario}.json"
+    return committed if not path.exists() and committed.exists() else path
 
 
-def results_table(scenario: str, results_dir: Path = RESULTS_DIR) -> tuple[list[str], list[list]]:
+def results_table(scenario: str, results_dir: Path = RUNS_DIR) -> tuple[list[str], list[list]]:
     """(headers, rows) of the scenario's result file, as `afd bench` prints them; empty if none."""
     path = results_path(scenario, results_dir)
     if not path.exists():
@@ -96,7 +99,7 @@ def results_table(scenario: str, results_dir: Path = RESULTS_DIR) -> tuple[list[
     return [], []
 
 
-def results_info(scenario: str, results_dir: Path = RESULTS_DIR) -> str:
+def results_info(scenario: str, results_dir: Path = RUNS_DIR) -> str:
     path = results_path(scenario, results_dir)
     if not path.exists():
         return f"No results yet for **{scenario}**: run it (`afd bench --scenario {scenario}`)."
@@ -105,9 +108,9 @@ def results_info(scenario: str, results_dir: Path = RESULTS_DIR) -> str:
             f"{machine.get('torch', '?')}, commit {str(machine.get('git_commit') or '?')[:10]}")
 
 
-def results_image(scenario: str, results_dir: Path = RESULTS_DIR, out_dir: Path | None = None) -> str | None:
+def results_image(scenario: str, results_dir: Path = RUNS_DIR, out_dir: Path | None = None) -> str | None:
     """The scenario's PNG: the one `afd bench` wrote (serve, moe, afd), else one drawn here from the JSON."""
-    png = Path(results_dir) / f"{scenario}.png"
+    png = results_path(scenario, results_dir).with_suffix(".png")
     if png.exists():
         return str(png)
     path = results_path(scenario, results_dir)

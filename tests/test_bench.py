@@ -170,6 +170,18 @@ def test_connector_scenario_reports_every_backend(tmp_path, monkeypatch):
     assert all(t > 0 for times in result["results"].values() for t in times.values())
 
 
+def test_a_run_without_out_writes_the_runs_folder_not_the_checkout(tmp_path, monkeypatch):
+    import benchmarks.connector as connector
+    import benchmarks.report as report
+
+    monkeypatch.setattr(connector, "SIZES", [4 << 10])
+    monkeypatch.setattr(report, "RUNS_DIR", tmp_path / "runs")
+    committed = (report.RESULTS_DIR / "connector.json").read_bytes()
+    assert main(["bench", "--scenario", "connector"]) == 0
+    assert json.loads((tmp_path / "runs" / "connector.json").read_text())["scenario"] == "connector"
+    assert (report.RESULTS_DIR / "connector.json").read_bytes() == committed
+
+
 def test_moe_scenario_checks_every_implementation(tmp_path):
     """Each implementation is compared with the float64 reference before timing (the scenario fails
     otherwise); the JSON holds every timing and error, and the plot is written."""

@@ -287,7 +287,7 @@ def test_record_args():
 
 # ---- bench
 
-def test_bench_args_and_results(tmp_path):
+def test_bench_args_and_results(tmp_path, monkeypatch):
     assert bench.bench_args("connector") == ["bench", "--scenario", "connector"]
     args = bench.bench_args("monolithic", "1, 16", 8, 1, "eager", out=tmp_path / "m.json")
     assert args == ["bench", "--scenario", "monolithic", "--batch-sizes", "1,16", "--steps", "8", "--repeats", "1",
@@ -306,8 +306,14 @@ def test_bench_args_and_results(tmp_path):
         if bench.results_path(scenario).exists():
             assert headers and rows and all(len(r) == len(headers) for r in rows)
             assert bench.results_image(scenario, out_dir=tmp_path)
-    assert bench.results_table("serve", tmp_path) == ([], [])
-    assert "No results yet" in bench.results_info("serve", tmp_path)
+    # A scenario not run here shows the committed result; once run, the run's own file.
+    assert bench.results_path("serve", tmp_path) == bench.RESULTS_DIR / "serve.json"
+    (tmp_path / "serve.json").write_text(json.dumps({"results": {}}))
+    assert bench.results_path("serve", tmp_path) == tmp_path / "serve.json"
+    assert bench.results_table("serve", tmp_path)[1] == []
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "committed")
+    assert bench.results_table("moe", tmp_path) == ([], [])
+    assert "No results yet" in bench.results_info("moe", tmp_path)
 
 
 def test_bench_run_from_console(tmp_path):

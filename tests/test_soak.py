@@ -9,7 +9,7 @@
     so that one-time allocations of the first batches are not counted as growth).
 
 The default run is short (50 clients for 10 s); the full soak (200 clients for 60 s) is slow and
-writes its figures to benchmarks/results/soak.json. Both print their throughput.
+writes its figures to the benchmark runs folder (benchmarks.report.RUNS_DIR). Both print their throughput.
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def test_soak_50_streaming_clients_10s(shipped_model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_soak_200_streaming_clients_60s(shipped_model, tmp_path):
-    """Oracle: the same invariants with 200 clients for 60 s; the figures go to
-    benchmarks/results/soak.json."""
+    """Oracle: the same invariants with 200 clients for 60 s; the figures go to RUNS_DIR/soak.json
+    (outside the checkout)."""
     result = soak(shipped_model, tmp_path, clients=200, duration_s=60)
     path = write_json({"scenario": "soak", "machine": machine_info(),
                        "config": {"model": str(shipped_model), "backend": "monolithic", "enforce_eager": True,
