@@ -199,9 +199,10 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model path)")
     p.add_argument("--console", action="store_true",
                    help="also mount the web console at /console (local use: it can start processes)")
-    p.add_argument("--warmup", action="store_true",
-                   help="compile every decode shape (batch x context bucket) before serving, as vLLM captures its "
-                        "graphs at start-up; else each compiles on first use, stalling that request")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every decode shape before /health is ready, as vLLM captures its graphs at start-up "
+                        "(default; inductor's caches in ~/.cache/afd-compile/inductor make a restart fast); "
+                        "--no-warmup compiles each on first use, stalling that request")
     _restart_args(p)
 
 
@@ -236,7 +237,7 @@ def cmd_launch(args) -> None:
 def _server_argv(args) -> list[str]:
     """The API flags of this invocation, for the attention ranks it starts."""
     argv = ["--host", args.host, "--port", str(args.port)] + (["--console"] if args.console else [])
-    argv += ["--warmup"] if args.warmup else []
+    argv += [] if args.warmup else ["--no-warmup"]
     return argv + (["--served-model-name", args.served_model_name] if args.served_model_name else [])
 
 
@@ -401,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from afd_compile.compile_cache import use_compile_cache
+
+    use_compile_cache()  # before anything compiles; the ranks a command starts inherit it
     try:
         args.func(args)
     except AfdError as e:

@@ -165,8 +165,8 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                     port = gr.Number(8000, precision=0, label="Port (attention rank i: port + i)", elem_id="port")
                     enforce_eager = gr.Checkbox(False, label="--enforce-eager (no torch.compile: starts faster)",
                                                 elem_id="enforce-eager")
-                    warmup = gr.Checkbox(False, label="--warmup (compile every decode shape before serving: no "
-                                         "compile stalls in chats, minutes more to start)", elem_id="warmup")
+                    warmup = gr.Checkbox(True, label="warm-up (compile every decode shape before serving: no "
+                                         "compile stalls in chats; off: --no-warmup)", elem_id="warmup")
                 with gr.Row():
                     launch_btn = gr.Button("Launch", variant="primary", elem_id="launch-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")

@@ -56,7 +56,7 @@ class LaunchSpec:
     micro_batches: int = 1
     connector: str = "gloo"
     enforce_eager: bool = False
-    warmup: bool = False  # servers compile every decode shape before answering (`afd serve --warmup`)
+    warmup: bool = True  # servers compile every decode shape before answering (`afd serve --no-warmup`: not)
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -100,7 +100,8 @@ class LaunchSpec:
         return ["launch", *self.engine_args(), *self.server_args()]
 
     def server_args(self) -> list[str]:
-        return ["--host", self.host, "--port", str(self.port)] + (["--warmup"] if self.warmup else [])
+        cold = not self.warmup and not self.enforce_eager  # eager compiles nothing to warm up
+        return ["--host", self.host, "--port", str(self.port)] + (["--no-warmup"] if cold else [])
 
     def url(self, attention_rank: int = 0) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host

@@ -36,7 +36,7 @@ def test_generate_2a2f_matches_monolithic_and_writes_trace(shipped_model, tmp_pa
 
 
 def test_launch_with_warmup_compiles_before_serving(tiny_greedy_checkpoint, tmp_path):
-    """`afd launch --warmup` (compiled, not eager): the attention rank it starts compiles every
+    """`afd launch` (compiled, not eager; warm-up is the default): the attention rank it starts compiles every
     decode shape with its FFN rank before its server answers, then serves the greedy tokens of
     eager monolithic."""
     import httpx
@@ -46,7 +46,7 @@ def test_launch_with_warmup_compiles_before_serving(tiny_greedy_checkpoint, tmp_
 
     port = free_port()
     args = ["launch", "--model", str(tiny_greedy_checkpoint), "--afd-size", "1A1F", "--connector", "shm",
-            "--max-num-seqs", "2", "--max-model-len", "64", "--port", str(port), "--warmup", "--log-level", "INFO"]
+            "--max-num-seqs", "2", "--max-model-len", "64", "--port", str(port), "--log-level", "INFO"]
     server = Deployment("warm", port, [Proc("warm", args, tmp_path, env={"MASTER_PORT": str(free_port())})],
                         str(tiny_greedy_checkpoint))
     try:

@@ -75,10 +75,11 @@ def test_rank_commands_are_argument_lists():
     mono = LaunchSpec.from_form(**form(afd_size="monolithic"))
     assert mono.rank_commands() == [("server", ["serve", "--model", str(SHIPPED_MODEL), "--enforce-eager",
                                                 "--host", "127.0.0.1", "--port", "8100"])]
-    # --warmup is the servers' (attention ranks', or afd launch's) flag, not the FFN ranks'
-    warm = LaunchSpec.from_form(**form(enforce_eager=False, warmup=True))
-    assert ["--warmup" in args for _, args in warm.rank_commands()] == [False, False, True, True]
-    assert "--warmup" in warm.launch_args() and "--warmup" in LaunchSpec.from_form(
+    # warm-up is the default; --no-warmup is the servers' (attention ranks', or afd launch's) flag,
+    # not the FFN ranks'
+    cold = LaunchSpec.from_form(**form(enforce_eager=False, warmup=False))
+    assert ["--no-warmup" in args for _, args in cold.rank_commands()] == [False, False, True, True]
+    assert "--no-warmup" in cold.launch_args() and "--no-warmup" not in LaunchSpec.from_form(
         **form(afd_size="monolithic", warmup=True)).launch_args()
 
 

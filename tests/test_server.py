@@ -799,3 +799,35 @@ def test_live_trace_of_the_running_afd_deployment(afd, mono):
     assert {e["args"]["step"] for e in spans if e["cat"] == "ffn"} <= steps
     assert {e["args"]["layer"] for e in spans if e["name"] == "ffn"} == set(range(4))
     assert_error(post(mono, "/debug/trace", {"steps": 3}), 400, contains=("monolithic",))
+
+
+def test_no_decode_step_compiles_after_health_is_ready(tiny_greedy_checkpoint, tmp_path):
+    """`afd serve` compiled (its default warm-up): requests that arrive together after /health is
+    ready, ramping the batch through every bucket and their contexts past 64 positions, build no
+    graph (dynamo's count, as /metrics shows it, is the same before and after)."""
+    from afd_compile.roles.rendezvous import free_port
+    from tests.server_fixtures import Deployment, Proc
+
+    port = free_port()
+    args = ["serve", "--model", str(tiny_greedy_checkpoint), "--max-num-seqs", "4", "--max-model-len", "128",
+            "--port", str(port)]
+    server = Deployment("warm", port, [Proc("warm", args, tmp_path)], str(tiny_greedy_checkpoint))
+
+    def compiled_graphs() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return float(re.search(r"^afd:compiled_graphs (\S+)$", text, re.M).group(1))
+
+    async def requests():
+        async with httpx.AsyncClient(timeout=120) as client:
+            bodies = [{"model": server.model, "prompt": " ".join(map(str, range(n))), "max_tokens": m,
+                       "temperature": 0, "ignore_eos": True} for n, m in ((1, 3), (30, 50), (5, 70), (12, 20), (2, 8))]
+            return await asyncio.gather(*(client.post(f"{server.url}/v1/completions", json=b) for b in bodies))
+
+    try:
+        server.wait_ready(timeout_s=300)
+        ready = compiled_graphs()
+        assert ready >= 3  # batch buckets 1, 2, 4
+        assert all(r.status_code == 200 for r in asyncio.run(requests()))
+        assert compiled_graphs() == ready
+    finally:
+        server.stop()

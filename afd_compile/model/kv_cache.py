@@ -1,8 +1,10 @@
 """Static MLA KV cache of one layer: the compressed latent and the rope key, not full K/V.
 
-Preallocated to [slots + 1, max_seq, ...] and written in place (as in gpt-fast), so the
-decode step has static shapes. The extra last slot is scratch: padded rows of a batch bucket
-read and write there and never touch a live request's cache.
+Preallocated to [slots + 1, max_seq + 1, ...] and written in place (as in gpt-fast). The extra
+last slot is scratch: padded rows of a batch bucket read and write there and never touch a live
+request's cache. The extra position is never written: it keeps every read a strict prefix, so a
+decode graph compiled for a dynamic context span (model_runner) holds for every span up to
+max_seq instead of needing its own graph for the whole-cache read.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from torch import nn
 class MLAKVCache(nn.Module):
     def __init__(self, slots: int, max_seq: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("latent", torch.zeros(slots + 1, max_seq, kv_lora_rank, dtype=dtype), persistent=False)
-        self.register_buffer("k_rope", torch.zeros(slots + 1, max_seq, rope_dim, dtype=dtype), persistent=False)
+        self.register_buffer("latent", torch.zeros(slots + 1, max_seq + 1, kv_lora_rank, dtype=dtype), persistent=False)
+        self.register_buffer("k_rope", torch.zeros(slots + 1, max_seq + 1, rope_dim, dtype=dtype), persistent=False)
 
     @property
     def scratch_slot(self) -> int:

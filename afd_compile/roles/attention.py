@@ -28,7 +28,7 @@ from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
 from afd_compile.engine.model_runner import (CompiledPerShape, allow_decode_recompiles, compile_options,
-                                              context_bucket)
+                                              context_bucket, context_spans)
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -80,8 +80,9 @@ class AFDModelRunner:
             self.decode_attention = torch.compile(_attention_layer, dynamic=False, fullgraph=True,
                                                   options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
-        else:  # one graph per decode shape: (micro-batch count, bucket, context bucket)
+        else:  # one graph per decode shape (micro-batch count, bucket), its context span dynamic
             self.decode_step = CompiledPerShape(self._layers, "attention_step", self.device)
+            self.spans = context_spans(max_model_len)
         # Per (micro-batch count, bucket): the host rows (token, position, cache slot) of every
         # micro-batch, rewritten in place each step, and the micro-batches viewing their device
         # copy: each shape's compiled step is always given the same tensors.
@@ -169,12 +170,12 @@ class AFDModelRunner:
             return self.decode_graphs(mbs)
         if self.decode_step is None:
             return self._pipeline(mbs, self._layers, _attention_layer, Flag.DECODE)
-        key = (len(mbs), mbs[0].tokens.shape[0], mbs[0].n_ctx)
+        key, span = (len(mbs), mbs[0].tokens.shape[0]), self.spans[mbs[0].n_ctx]
         if key not in self.decode_step:
-            self._warm_up(key, mbs)
-        return self._pipeline(mbs, lambda *a: self.decode_step(key, *a), _attention_layer, Flag.DECODE)
+            self._warm_up(key, mbs, span)
+        return self._pipeline(mbs, lambda *a: self.decode_step(key, *a, span), _attention_layer, Flag.DECODE)
 
-    def _warm_up(self, key: tuple[int, int, int], mbs: list[MicroBatch]) -> None:
+    def _warm_up(self, key: tuple[int, int], mbs: list[MicroBatch], span: torch.Tensor) -> None:
         """Compiles the step for these shapes on loopback links and the scratch slot only, before
         its header goes out, and has the FFN ranks compile their round meanwhile (a COMPILE
         request): otherwise each side would wait through the other's compilation (tens of
@@ -192,7 +193,7 @@ class AFDModelRunner:
 
         with heartbeat(beat), self.endpoint.loopback(self.model.cfg.hidden_size,
                                                      self.model.embed_tokens.weight.dtype, self.device):
-            self.decode_step(key, mbs, _attention_layer)
+            self.decode_step(key, mbs, _attention_layer, span)
         for mb, slots in zip(mbs, saved):
             mb.write_slots.copy_(slots)
 
@@ -241,13 +242,15 @@ class AFDModelRunner:
             self.tracer.events.clear()
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
-    def _layers(self, mbs: list[MicroBatch], attention) -> list[torch.Tensor]:
+    def _layers(self, mbs: list[MicroBatch], attention, span: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every layer for every micro-batch, staggered; per micro-batch logits [b, vocab]. Free of
         host syncs and Python side effects, so it compiles into one graph (CPU) or is captured
         in one CUDA graph: the transfers are ops, each taking the previous one's result (`link`)
-        so they keep this order."""
+        so they keep this order. span: the context span as a tensor's length, when compiled
+        (model_runner.context_spans), else each micro-batch's n_ctx."""
         model, ep = self.model, self.endpoint.id
-        inps = [model.attention_inputs(mb.positions, mb.write_slots, mb.read_slots, mb.n_ctx) for mb in mbs]
+        inps = [model.attention_inputs(mb.positions, mb.write_slots, mb.read_slots,
+                                       mb.n_ctx if span is None else span.shape[0]) for mb in mbs]
         hs = [None] * len(mbs)  # each micro-batch's hidden states
         sent = [None] * len(mbs)  # what each micro-batch last sent to the FFN
         link = model.embed_tokens.weight.new_empty(0)

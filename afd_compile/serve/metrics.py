@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from torch._dynamo.utils import counters
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -31,6 +32,11 @@ class Metrics:
         self.connector_latency = Histogram("afd:connector_wait_seconds",
                                            "Attention rank's wait for FFN output, per layer", ["layer"],
                                            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1), registry=r)
+        # Read at scrape time from dynamo's own count: one that grows after /health turned ready
+        # is a request that waited for a compile.
+        self.compiled_graphs = Gauge("afd:compiled_graphs", "Graphs torch.compile built in the engine's process",
+                                     registry=r)
+        self.compiled_graphs.set_function(lambda: counters["stats"]["unique_graphs"])
 
     def watch_kv_cache(self, free_slots: Callable[[], int], num_slots: int) -> None:
         """Counts free slots at scrape time: a leaked slot shows here even while the engine is idle."""
