@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -774,8 +776,50 @@ def test_sigterm_lets_running_requests_finish(shipped_model, tmp_path):
         assert started.wait(60)
         proc.send_signal(signal.SIGTERM)
         t.join(60)
+        core = engine_core_pid(proc.pid)
         assert finish == ["length"]
         assert proc.wait(40) == 0
+        assert not Path(f"/proc/{core}").exists() or "zombie" in Path(f"/proc/{core}/status").read_text()
+    finally:
+        server.stop()
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The engine core process `afd serve` started (its child running engine_core.run)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    cores = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(cores) == 1, children
+    return cores[0]
+
+
+def test_a_dead_engine_core_is_a_503_not_a_hang(shipped_model, tmp_path):
+    """The engine runs in its own process: killed mid-stream, the stream ends with an error
+    event, /health and new requests answer 503 within seconds, and the API process stays up."""
+    import threading
+
+    server = start_monolithic(shipped_model, tmp_path, name="deadcore")
+    try:
+        server.wait_ready(120)
+        events, started = [], threading.Event()
+
+        def stream():
+            body = {"prompt": "1 3 5", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        os.kill(engine_core_pid(server.server.pid), signal.SIGKILL)
+        t.join(10)
+        assert not t.is_alive() and "engine core process exited" in events[-2] and events[-1] == "[DONE]"
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 503 and "engine core process exited" in health.text
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "1", "max_tokens": 2}, timeout=5)
+        assert r.status_code == 503 and server.server.proc.poll() is None
     finally:
         server.stop()
 

@@ -4,8 +4,9 @@ where decoding the whole output every time costs O(length). A token that ends in
 multi-byte character (decoded as U+FFFD) waits for the next one.
 
 A sequence decodes on demand (Sequence.output_text), not in the engine step: offline runs
-decode once at the end and a server once per streamed delta (vLLM likewise detokenizes outside
-its engine core). Only requests with stop strings decode in the step, to find them."""
+decode once at the end, and a server decodes in its API process (serve/engine_client.py), as
+vLLM detokenizes outside its engine core. Only requests with stop strings decode in the step,
+to find them; both sides cut the text at them with cut_at_stop."""
 
 from __future__ import annotations
 
@@ -29,3 +30,22 @@ class IncrementalDetokenizer:
         self.text += new
         self.offsets = (read, len(ids))
         return new
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text up to the first of the stop strings in it (each cut in turn, as vLLM), and whether
+    any was found."""
+    found = False
+    for stop in stops:
+        cut = text.find(stop)
+        if cut != -1:
+            text, found = text[:cut], True
+    return text, found
+
+
+def visible_text(text: str, stops: list[str], finished: bool) -> str:
+    """What of a request's text may be streamed: all once finished; before, not the tail that
+    may still become a stop string."""
+    if finished or not stops:
+        return text
+    return text[: max(0, len(text) - max(map(len, stops)) + 1)]

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from afd_compile.config import EngineConfig
-from afd_compile.engine.detokenizer import IncrementalDetokenizer
+from afd_compile.engine.detokenizer import IncrementalDetokenizer, cut_at_stop
 from afd_compile.engine.model_runner import ModelRunner, context_buckets
 from afd_compile.engine.sampler import Sampler
 from afd_compile.engine.sampling_params import SamplingParams
@@ -132,15 +132,12 @@ class LLMEngine:
     def _check_stop_strings(self, seq: Sequence) -> None:
         if not seq.params.stop or not seq.detokenizer.update(seq.output_token_ids):
             return
-        text = seq.detokenizer.text
-        for stop in seq.params.stop:
-            cut = text.find(stop)
-            if cut != -1:
-                text = text[:cut]
-                if not seq.finished:
-                    self.scheduler.finish(seq, "stop")
-                else:  # as in vLLM, a stop string matched on the last allowed token wins over "length"
-                    seq.finish_reason = "stop"
+        text, found = cut_at_stop(seq.detokenizer.text, seq.params.stop)
+        if found:
+            if not seq.finished:
+                self.scheduler.finish(seq, "stop")
+            else:  # as in vLLM, a stop string matched on the last allowed token wins over "length"
+                seq.finish_reason = "stop"
         seq.detokenizer.text = text
 
     # ---- offline batch API

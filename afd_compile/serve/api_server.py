@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afd_compile.errors import AfdError
-from afd_compile.serve.async_engine import AsyncEngine, Delta
+from afd_compile.serve.engine_client import Delta, EngineClient
 from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
                                         SamplingRequest, TraceRequest, Usage, new_id, now)
 
@@ -71,11 +71,10 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None, max_model_len: int = 0,
+def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None, max_model_len: int = 0,
               backend: str = "monolithic") -> FastAPI:
     app = FastAPI(title="afd-compile", description="OpenAI-compatible API over Attention-FFN disaggregated MoE")
-    tokenizer = engine.engine.tokenizer
-    engine.metrics.watch_kv_cache(lambda: len(engine.engine.scheduler.free_slots), engine.engine.config.max_num_seqs)
+    tokenizer = engine.tokenizer
 
     # Added first, so it sits inside the guard: its 413 is raised straight into FastAPI's body read
     # (through the guard's receive, a task group would wrap it into an ExceptionGroup, a 400).
@@ -255,7 +254,12 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        try:
+            text = await engine.metrics_text()
+        except (asyncio.TimeoutError, RuntimeError) as e:
+            return error_response(503, f"the engine's metrics are unavailable: {e or 'no answer'}",
+                                  "service_unavailable")
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -266,7 +270,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req)
         try:
-            prompt = engine.engine.encode_chat([m.model_dump() for m in req.messages])
+            prompt = engine.encode_chat([m.model_dump() for m in req.messages])
         except AfdError as e:
             raise APIError(400, str(e), param="messages") from None
         n_max = (max_tokens(req, len(prompt), req.max_completion_tokens, "max_completion_tokens")

@@ -1,6 +1,7 @@
-"""Runs the engine on its own thread and streams each request's tokens to asyncio handlers.
+"""Runs the engine on its own thread and streams each request's new tokens to asyncio tasks: in
+`afd serve`, those of the engine core process (engine_core.py), which relay them to the API.
 
-The engine is single-threaded by design: only the loop thread touches it. HTTP handlers send
+The engine is single-threaded by design: only the loop thread touches it. Callers send
 "add" and "abort" commands through a queue and read deltas from a per-request asyncio.Queue.
 Between steps the loop admits new requests, so they join the running batch (continuous
 batching). An AFD attention rank with nothing to do keeps its FFN ranks in step with `idle()`
@@ -18,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -37,7 +39,7 @@ IDLE_WAIT_S = (0.0005, 0.02)
 
 @dataclass
 class Delta:
-    text: str = ""
+    """A request's new tokens since the last delta (their text is the API process's to decode)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
@@ -53,7 +55,6 @@ class _Stream:
     out: asyncio.Queue
     seq: Sequence
     arrival: float
-    sent_text: int = 0
     sent_tokens: int = 0
     first_token_at: float | None = None
 
@@ -100,6 +101,7 @@ class AsyncEngine:
                reconnect=None) -> None:
         self.engine, self.idle, self.on_exit, self.reconnect = engine, idle, on_exit, reconnect
         self.metrics = metrics or Metrics()
+        self.metrics.watch_kv_cache(lambda: len(engine.scheduler.free_slots), engine.config.max_num_seqs)
         self.commands: queue.Queue = queue.Queue()
         self.streams: dict[str, _Stream] = {}
         self.error: str | None = None
@@ -117,13 +119,14 @@ class AsyncEngine:
         return self.thread.is_alive() and (self.error is None or self.reconnecting)
 
     # ---- handler side
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
         if not self.healthy:
             yield Delta(error=self.error or "the engine is not running")
             return
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
-        holder: dict = {}
-        self.commands.put(("add", prompt_token_ids, params, loop, out, holder))
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        self.commands.put(("add", request_id, prompt_token_ids, params, loop, out))
         finished, get = False, None
         try:
             while True:
@@ -144,8 +147,8 @@ class AsyncEngine:
         finally:
             if get is not None:
                 get.cancel()
-            if not finished and "request_id" in holder:  # the client went away: free its KV slot
-                self.commands.put(("abort", holder["request_id"]))
+            if not finished:  # the caller went away, admitted or not yet: free its KV slot
+                self.commands.put(("abort", request_id))
 
     async def record_trace(self, steps: int, timeout_s: float) -> dict:
         """Chrome trace of the next `steps` engine steps on every rank (AFD deployments only).
@@ -270,9 +273,9 @@ class AsyncEngine:
             self._trace = (deadline, future)
             return
         if command[0] == "add":
-            _, prompt, params, loop, out, holder = command
+            _, request_id, prompt, params, loop, out = command
             try:
-                seq = self.engine.add_request(prompt, params)
+                seq = self.engine.add_request(prompt, params, request_id)
             except AfdError as e:
                 loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=str(e)))
                 return
@@ -280,7 +283,6 @@ class AsyncEngine:
                 log.exception("add_request failed")
                 loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=f"{type(e).__name__}: {e}"))
                 return
-            holder["request_id"] = seq.request_id
             self.streams[seq.request_id] = _Stream(loop, out, seq, time.monotonic())
             self.metrics.requests.inc()
         elif command[0] == "abort":
@@ -297,13 +299,10 @@ class AsyncEngine:
                 stream.first_token_at = now
                 self.metrics.ttft.observe(now - stream.arrival)
             self.metrics.generation_tokens.inc(len(seq.output_token_ids) - stream.sent_tokens)
-            text = seq.output_text
-            if seq.params.stop and not seq.finished:  # hold back what may still become a stop string
-                text = text[: max(stream.sent_text, len(text) - max(map(len, seq.params.stop)) + 1)]
-            delta = Delta(text=text[stream.sent_text :], token_ids=seq.output_token_ids[stream.sent_tokens :],
+            delta = Delta(token_ids=seq.output_token_ids[stream.sent_tokens :],
                           logprobs=seq.output_logprobs[stream.sent_tokens :], finish_reason=seq.finish_reason,
                           prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids))
-            stream.sent_text, stream.sent_tokens = len(text), len(seq.output_token_ids)
+            stream.sent_tokens = len(seq.output_token_ids)
             if seq.finished:
                 self.streams.pop(seq.request_id, None)
                 self.metrics.finished(seq, now - stream.arrival, now - stream.first_token_at)

@@ -1,0 +1,165 @@
+"""The engine core process of `afd serve`: the engine's busy loop (scheduler, model runner,
+sampler; on AFD the attention rank's loop) away from the API process, so HTTP, JSON, SSE,
+tokenization and detokenization never take the interpreter from a step (vLLM V1's EngineCore,
+for the same reason).
+
+It builds the engine (AsyncEngine on its engine thread: load, compile, warm up), says Ready, then
+relays: AddRequest -> a task streaming AsyncEngine.generate's deltas back as Output messages;
+AbortRequest -> that task cancelled (AsyncEngine aborts the request, admitted or not);
+StartTrace / GetMetrics -> answered by id; engine state changes -> EngineState. Its main thread
+runs only this asyncio relay (no torch), so the engine thread alone runs torch.
+
+It ignores SIGINT and SIGTERM: the API process stops it with Shutdown after its own graceful
+shutdown, and it is killed if the API process dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import signal
+
+import zmq
+import zmq.asyncio
+
+from afd_compile.config import AFDConfig, EngineConfig
+from afd_compile.errors import AfdError
+from afd_compile.serve import messages as m
+from afd_compile.serve.async_engine import AsyncEngine
+from afd_compile.serve.metrics import Metrics
+
+log = logging.getLogger("afd.engine_core")
+STATE_POLL_S = 0.02
+
+
+def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool) -> tuple[AsyncEngine, str]:
+    """The engine, built on its own thread (AsyncEngine.build). warmup: compiles every decode
+    shape before the engine serves (see LLMEngine.warm_up)."""
+    metrics = Metrics()
+
+    def parts() -> dict:  # AsyncEngine's arguments, made on its engine thread
+        if afd is None:
+            from afd_compile.engine.llm_engine import LLMEngine
+
+            engine, rank = LLMEngine(engine_cfg), {}
+        else:
+            from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
+
+            engine, tracer = attention_engine(engine_cfg, afd)
+            rank = dict(idle=engine.runner.idle, on_exit=lambda: leave_attention(engine, tracer, afd),
+                        reconnect=lambda: rejoin_attention(engine, afd))
+        if warmup:
+            engine.warm_up()
+        if afd is not None:  # after the warm-up: its waits are not the deployment's latency
+            engine.runner.wait_observer = lambda layer, s: metrics.connector_latency.labels(str(layer)).observe(s)
+        return dict(engine=engine, metrics=metrics, **rank)
+
+    return AsyncEngine.build(parts), "monolithic" if afd is None else f"AFD {afd.topology}"
+
+
+def run(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool, to_core: str, from_core: str,
+        log_level: str) -> None:
+    """The process's entry point (multiprocessing, spawned by engine_client.EngineClient)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        async_engine, backend = make_async_engine(engine_cfg, afd, warmup)
+    except AfdError as e:
+        _say(from_core, m.StartupFailed(str(e), bad_input=True))
+        return
+    except Exception as e:  # the API process prints it; the traceback stays in this log
+        log.exception("the engine could not be built")
+        _say(from_core, m.StartupFailed(f"{type(e).__name__}: {e}", bad_input=False))
+        return
+    try:
+        asyncio.run(_Relay(async_engine, backend, to_core, from_core).serve())
+    finally:
+        async_engine.close()
+
+
+def _say(address: str, message) -> None:
+    """One message, delivered before this process exits."""
+    with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as sock:
+        sock.connect(address)
+        sock.send(m.encode(message))
+        sock.close(linger=5000)
+
+
+class _Relay:
+    def __init__(self, engine: AsyncEngine, backend: str, to_core: str, from_core: str):
+        self.engine, self.backend = engine, backend
+        self.ctx = zmq.asyncio.Context.instance()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.connect(to_core)
+        self.outbox = self.ctx.socket(zmq.PUSH)
+        self.outbox.connect(from_core)
+        self.requests: dict[str, asyncio.Task] = {}
+
+    async def send(self, message) -> None:
+        await self.outbox.send(m.encode(message))
+
+    async def serve(self) -> None:
+        await self.send(m.Ready(self.engine.engine.max_model_len, self.backend))
+        watcher = asyncio.create_task(self.watch_state())
+        try:
+            while True:
+                try:
+                    message = m.decode(await self.inbox.recv(), "core")
+                except m.ProtocolError as e:
+                    log.error("%s", e)
+                    continue
+                if isinstance(message, m.Shutdown):
+                    return
+                self.handle(message)
+        finally:
+            watcher.cancel()
+            for task in self.requests.values():
+                task.cancel()
+            self.inbox.close(linger=0)
+            self.outbox.close(linger=1000)
+
+    def handle(self, message) -> None:
+        if isinstance(message, m.AddRequest):
+            self.requests[message.request_id] = asyncio.create_task(self.stream(message))
+        elif isinstance(message, m.AbortRequest):
+            task = self.requests.pop(message.request_id, None)
+            if task is not None:
+                task.cancel()  # AsyncEngine.generate's exit aborts it in the engine
+        elif isinstance(message, m.StartTrace):
+            asyncio.create_task(self.trace(message))
+        elif isinstance(message, m.GetMetrics):
+            asyncio.create_task(self.send(m.Metrics(message.metrics_id, self.engine.metrics.render())))
+
+    async def stream(self, add: m.AddRequest) -> None:
+        try:
+            async for d in self.engine.generate(add.prompt_token_ids, add.params, add.request_id):
+                await self.send(m.Output(add.request_id, d.token_ids, d.logprobs, d.finish_reason, d.prompt_tokens,
+                                         d.completion_tokens, d.error, d.bad_request))
+        finally:
+            self.requests.pop(add.request_id, None)
+
+    async def trace(self, request: m.StartTrace) -> None:
+        try:
+            result = await self.engine.record_trace(request.steps, request.timeout_s)
+        except AfdError as e:
+            await self.send(m.TraceDone(request.trace_id, None, str(e), bad_request=True))
+        except Exception as e:
+            await self.send(m.TraceDone(request.trace_id, None, f"{type(e).__name__}: {e}"))
+        else:
+            await self.send(m.TraceDone(request.trace_id, result, None))
+
+    async def watch_state(self) -> None:
+        """Sends the engine's state whenever it changes (a failed step, a re-formed world)."""
+        last = None
+        while True:
+            state = (self.engine.healthy, self.engine.reconnecting, self.engine.error)
+            if state != last:
+                await self.send(m.EngineState(*state))
+                last = state
+            await asyncio.sleep(STATE_POLL_S)
