@@ -363,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployments", default="monolithic,1A1F,2A2F", help="serve: monolithic and/or xAyF topologies")
     p.add_argument("--rates", default="1,2,4", help="serve: request rates (req/s), comma-separated")
     p.add_argument("--requests", type=int, default=24, help="serve: requests per rate")
+    p.add_argument("--clients", default=None,
+                   help="serve: closed loop with these numbers of concurrent clients (e.g. 16,32), each round "
+                        "against the offline engine, instead of open-loop rates")
+    p.add_argument("--rounds", type=int, default=3, help="serve --clients: rounds per number of clients")
     p.add_argument("--max-tokens", type=int, default=16, help="serve: tokens per request")
     p.add_argument("--micro-batches", type=int, default=2, help="serve: AFD ping-pong micro-batches")
     p.add_argument("--connector", default="shm", help="serve: AFD connector")

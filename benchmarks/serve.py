@@ -29,9 +29,8 @@ from benchmarks.report import format_table, machine_info, write_json
 def _start(deployment: str, args, port: int) -> subprocess.Popen:
     common = ["--model", str(args.model), "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
               "--max-model-len", str(args.max_model_len or 128)]
-    # Compiled: every decode shape before the first request, else the first step of each new
-    # (batch, context) pair would wait for its compilation inside the measurement.
-    common.append("--enforce-eager" if args.enforce_eager else "--warmup")
+    # Compiled, the server warms up every decode shape before /health is ready (its default).
+    common += ["--enforce-eager"] if args.enforce_eager else []
     if deployment == "monolithic":
         argv = ["serve", *common]
     else:
@@ -96,6 +95,10 @@ async def _load(ports: list[int], rate: float, n: int, max_tokens: int, seed: in
 
 
 def run(args) -> dict:
+    if args.clients:
+        from benchmarks import serve_closed_loop
+
+        return serve_closed_loop.run(args)
     deployments = args.deployments.split(",")
     rates = [float(r) for r in args.rates.split(",")]
     results = {}

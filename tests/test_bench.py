@@ -159,6 +159,24 @@ def test_serve_scenario_writes_json_and_plot(shipped_model, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_serve_closed_loop_reports_served_beside_offline(shipped_model, tmp_path):
+    """--clients: rounds of concurrent clients against `afd serve`, then the offline engine's same
+    rounds, both deployments; every request completes (else the scenario fails)."""
+    out = tmp_path / "closed.json"
+    rc = main(["bench", "--scenario", "serve", "--model", str(shipped_model), "--enforce-eager", "--clients", "1,2",
+               "--rounds", "2", "--max-num-seqs", "2", "--max-tokens", "4", "--deployments", "monolithic,1A1F",
+               "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    for deployment in ("monolithic", "1A1F"):
+        for b in ("1", "2"):
+            row = result["results"][deployment]["clients"][b]
+            assert len(row["served_rounds"]) == len(row["offline_rounds"]) == 2
+            assert row["served_tok_s"] > 0 and row["offline_tok_s"] > 0 and 0 < row["slowest_vs_median"] <= 1
+    assert main(["bench", "--scenario", "serve", "--model", str(shipped_model), "--clients", "8", "--max-num-seqs",
+                 "4", "--out", str(tmp_path / "x.json")]) == 1  # more clients than KV slots: one line, no run
+
+
 def test_connector_scenario_reports_every_backend(tmp_path, monkeypatch):
     import benchmarks.connector as connector
 

@@ -22,8 +22,9 @@ def test_messages_round_trip_without_pickle():
     frame = m.encode(add)
     assert b"\x80" not in frame[:2]  # not a pickle (protocol 2+ starts with \x80)
     assert m.decode(frame, "core") == add
-    out = m.Output("req-1", [5], [{"logprob": -0.5, "top": [[5, -0.5]]}], "length", 3, 1)
-    assert m.decode(m.encode(out), "api") == out
+    step = m.Outputs([m.Output("req-1", [5], [{"logprob": -0.5, "top": [[5, -0.5]]}], "length", 3, 1),
+                      m.Output("req-2", [], [], None, 4, 0, error="the engine failed")])
+    assert m.decode(m.encode(step), "api") == step
 
 
 def test_a_message_of_unknown_type_is_an_error_naming_it():

@@ -51,8 +51,7 @@ class Delta:
 
 @dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    target: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None  # generate()'s queue; None: the sink's
     seq: Sequence
     arrival: float
     sent_tokens: int = 0
@@ -100,6 +99,9 @@ class AsyncEngine:
     def _setup(self, engine: LLMEngine, idle=None, metrics: Metrics | None = None, on_exit=None,
                reconnect=None) -> None:
         self.engine, self.idle, self.on_exit, self.reconnect = engine, idle, on_exit, reconnect
+        # Set by the engine core before its first submit(): called on the engine thread with each
+        # step's [(request_id, Delta)], one call a step instead of a wake-up per request.
+        self.sink: Callable[[list[tuple[str, Delta]]], None] | None = None
         self.metrics = metrics or Metrics()
         self.metrics.watch_kv_cache(lambda: len(engine.scheduler.free_slots), engine.config.max_num_seqs)
         self.commands: queue.Queue = queue.Queue()
@@ -126,7 +128,7 @@ class AsyncEngine:
             return
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        self.commands.put(("add", request_id, prompt_token_ids, params, loop, out))
+        self.commands.put(("add", request_id, prompt_token_ids, params, (loop, out)))
         finished, get = False, None
         try:
             while True:
@@ -149,6 +151,14 @@ class AsyncEngine:
                 get.cancel()
             if not finished:  # the caller went away, admitted or not yet: free its KV slot
                 self.commands.put(("abort", request_id))
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queues a request whose deltas go to the sink (any thread)."""
+        self.commands.put(("add", request_id, prompt_token_ids, params, None))
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request, admitted or still queued (any thread)."""
+        self.commands.put(("abort", request_id))
 
     async def record_trace(self, steps: int, timeout_s: float) -> dict:
         """Chrome trace of the next `steps` engine steps on every rank (AFD deployments only).
@@ -176,8 +186,7 @@ class AsyncEngine:
         except Exception as e:  # a dead FFN rank, a broken connector, ...: fail every request clearly
             self.error = f"{type(e).__name__}: {e}"
             log.error("engine loop stopped: %s", self.error)
-            for stream in list(self.streams.values()):
-                stream.loop.call_soon_threadsafe(stream.out.put_nowait, Delta(error=self.error))
+            self._deliver([(rid, stream.target, Delta(error=self.error)) for rid, stream in self.streams.items()])
             self.streams.clear()
         finally:
             if self.on_exit is not None:
@@ -232,11 +241,23 @@ class AsyncEngine:
             return
 
     def _fail(self, seqs, error: str) -> None:
+        failed = []
         for seq in list(seqs):
             self.engine.abort(seq.request_id)
             stream = self.streams.pop(seq.request_id, None)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.out.put_nowait, Delta(error=error))
+                failed.append((seq.request_id, stream.target, Delta(error=error)))
+        self._deliver(failed)
+
+    def _deliver(self, deltas: list[tuple[str, tuple | None, Delta]]) -> None:
+        """Hands (request_id, target, delta) out: generate()'s queues, or the sink in one call."""
+        if self.sink is not None:
+            sunk = [(rid, d) for rid, target, d in deltas if target is None]
+            if sunk:
+                self.sink(sunk)
+        for _, target, d in deltas:
+            if target is not None:
+                target[0].call_soon_threadsafe(target[1].put_nowait, d)
 
     def _drain(self, timeout_s: float) -> None:
         """Applies the queued commands, waiting up to timeout_s for the first."""
@@ -273,17 +294,17 @@ class AsyncEngine:
             self._trace = (deadline, future)
             return
         if command[0] == "add":
-            _, request_id, prompt, params, loop, out = command
+            _, request_id, prompt, params, target = command
             try:
                 seq = self.engine.add_request(prompt, params, request_id)
             except AfdError as e:
-                loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=str(e)))
+                self._deliver([(request_id, target, Delta(bad_request=str(e)))])
                 return
             except Exception as e:  # refuse this request only; the engine and the others go on
                 log.exception("add_request failed")
-                loop.call_soon_threadsafe(out.put_nowait, Delta(bad_request=f"{type(e).__name__}: {e}"))
+                self._deliver([(request_id, target, Delta(bad_request=f"{type(e).__name__}: {e}"))])
                 return
-            self.streams[seq.request_id] = _Stream(loop, out, seq, time.monotonic())
+            self.streams[seq.request_id] = _Stream(target, seq, time.monotonic())
             self.metrics.requests.inc()
         elif command[0] == "abort":
             self.engine.abort(command[1])
@@ -291,6 +312,7 @@ class AsyncEngine:
 
     def _publish(self, seqs: list[Sequence]) -> None:
         now = time.monotonic()
+        deltas = []
         for seq in seqs:
             stream = self.streams.get(seq.request_id)
             if stream is None:
@@ -306,4 +328,5 @@ class AsyncEngine:
             if seq.finished:
                 self.streams.pop(seq.request_id, None)
                 self.metrics.finished(seq, now - stream.arrival, now - stream.first_token_at)
-            stream.loop.call_soon_threadsafe(stream.out.put_nowait, delta)
+            deltas.append((seq.request_id, stream.target, delta))
+        self._deliver(deltas)

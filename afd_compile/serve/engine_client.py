@@ -185,10 +185,14 @@ class EngineClient:
             self._dispatch(message)
 
     def _dispatch(self, message) -> None:
-        if isinstance(message, m.Output):
-            stream = self._streams.get(message.request_id)
-            if stream is not None:
-                stream[0].call_soon_threadsafe(stream[1].put_nowait, message)
+        if isinstance(message, m.Outputs):
+            by_loop: dict = {}
+            for o in message.outputs:
+                stream = self._streams.get(o.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream[0], []).append((stream[1], o))
+            for loop, items in by_loop.items():  # one wake-up of the event loop a step
+                loop.call_soon_threadsafe(_put_all, items)
         elif isinstance(message, m.EngineState):
             self.healthy, self.reconnecting, self.error = message.healthy, message.reconnecting, message.error
         elif isinstance(message, (m.TraceDone, m.Metrics)):
@@ -226,6 +230,11 @@ class EngineClient:
         self._inbox.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _resolve(future: asyncio.Future, value) -> None:

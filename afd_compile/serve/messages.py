@@ -57,7 +57,7 @@ class StartupFailed(_Message):
     bad_input: bool  # an AfdError (the user's to fix), not a crash
 
 
-class Output(_Message):
+class Output(msgspec.Struct, array_like=True):
     """A request's new tokens (the API process detokenizes them), or how it ended."""
     request_id: str
     token_ids: list[int]
@@ -67,6 +67,11 @@ class Output(_Message):
     completion_tokens: int
     error: str | None = None  # the engine failed: 503
     bad_request: str | None = None  # add_request refused it: 400
+
+
+class Outputs(_Message):
+    """One engine step's outputs, one message for the batch."""
+    outputs: list[Output]
 
 
 class EngineState(_Message):
@@ -89,7 +94,7 @@ class Metrics(_Message):
 
 
 TO_CORE = AddRequest | AbortRequest | StartTrace | GetMetrics | Shutdown
-FROM_CORE = Ready | StartupFailed | Output | EngineState | TraceDone | Metrics
+FROM_CORE = Ready | StartupFailed | Outputs | EngineState | TraceDone | Metrics
 
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {"core": msgspec.msgpack.Decoder(TO_CORE), "api": msgspec.msgpack.Decoder(FROM_CORE)}
