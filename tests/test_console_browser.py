@@ -84,7 +84,7 @@ def test_console_in_browser(console_url, artifacts):
             page.goto(console_url)
             page.locator("#launch-btn").wait_for(timeout=30_000)
 
-            # Launch: a validation error first, then 1A1F with --enforce-eager --warmup on a free port.
+            # Launch: a validation error first, then 1A1F with --enforce-eager on a free port.
             page.locator("#afd-size textarea, #afd-size input").first.fill("2X2F")
             page.locator("#launch-btn").click()
             page.locator("#launch-message").get_by_text("malformed afd_size").wait_for(timeout=15_000)
@@ -92,14 +92,17 @@ def test_console_in_browser(console_url, artifacts):
             port = free_port()
             page.locator("#port input").fill(str(port))
             page.locator("#enforce-eager input[type=checkbox]").check()
-            page.locator("#warmup input[type=checkbox]").check()  # eager: nothing to compile, the flag still travels
+            warmup = page.locator("#warmup input[type=checkbox]")
+            assert warmup.is_checked()  # the servers' default
+            warmup.uncheck()  # eager: nothing to compile either way, so no flag travels
             page.locator("#launch-btn").click()
             page.locator("#launch-message").get_by_text("Started 1A1F").wait_for(timeout=30_000)
             page.locator("#deployment-state").get_by_text("1A1F ready").wait_for(timeout=120_000)
             status = page.locator("#rank-status").inner_text()
             assert "attention 0" in status and "ffn 0" in status and "ready" in status
             assert "afd ffn" in page.locator("#commands").inner_text()
-            assert "--warmup" in page.locator("#commands").inner_text()
+            assert "--enforce-eager" in page.locator("#commands").inner_text()
+            assert "warmup" not in page.locator("#commands").inner_text()
             page.screenshot(path=str(artifacts / "1-launch.png"), full_page=True)
 
             # Chat: the server URL came from the Launch tab.
