@@ -41,7 +41,7 @@ def _start(deployment: str, args, port: int) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 1800) -> None:
+def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 1800) -> None:
     """Up to 30 minutes: a compiled server compiles all its decode shapes first (minutes on CPU
     with a cold inductor cache)."""
     deadline = time.monotonic() + timeout_s
@@ -109,7 +109,7 @@ def run(args) -> dict:
         proc = _start(deployment, args, port)
         try:
             for p in ports:
-                _wait_healthy(p, proc)
+                wait_healthy(p, proc)
             asyncio.run(_load(ports, rates[0], min(8, args.requests), args.max_tokens, seed=99))  # warm-up
             results[deployment] = [asyncio.run(_load(ports, r, args.requests, args.max_tokens, seed=i))
                                    for i, r in enumerate(rates)]

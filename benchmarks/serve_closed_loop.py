@@ -27,6 +27,7 @@ from afd_compile.errors import AfdError
 from afd_compile.roles.rendezvous import free_port
 from afd_compile.topology import Topology
 from benchmarks.report import format_table, machine_info, write_json
+from benchmarks.serve import wait_healthy
 
 PROMPT = "1 3 5 7 9 11 13 15 17 19 21 23"
 
@@ -51,28 +52,14 @@ def _served(args, deployment: str, clients: list[int]) -> dict:
     try:
         num_attention = 1 if deployment == "monolithic" else Topology.parse(deployment).num_attention
         urls = [f"http://127.0.0.1:{port + i}" for i in range(num_attention)]
-        for url in urls:
-            _wait_healthy(url, proc)
+        for i in range(num_attention):
+            wait_healthy(port + i, proc)
         startup_s = time.monotonic() - start
         rounds = {b: asyncio.run(_rounds(urls, b, args.rounds, args.max_tokens)) for b in clients}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(60)
     return {"startup_s": startup_s, "rounds": rounds}
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 1800) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not become healthy")
 
 
 async def _rounds(urls: list[str], clients: int, rounds: int, max_tokens: int) -> list[float]:

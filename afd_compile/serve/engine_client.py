@@ -18,7 +18,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -29,6 +29,7 @@ from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
 from afd_compile.model.loader import load_tokenizer
 from afd_compile.serve import engine_core
+from afd_compile.serve.async_engine import Delta as TokenDelta
 from afd_compile.serve import messages as m
 
 log = logging.getLogger("afd.serve")
@@ -37,16 +38,9 @@ METRICS_TIMEOUT_S = 5.0
 
 
 @dataclass
-class Delta:
-    """What a request gained since its last delta, text included."""
+class Delta(TokenDelta):
+    """What a request gained since its last delta, its text included."""
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None  # the engine failed; the handler answers 503
-    bad_request: str | None = None  # the engine refused the request; 400
 
 
 class EngineClient:
@@ -126,8 +120,8 @@ class EngineClient:
                 text = visible_text(cut_at_stop(detokenizer.text, params.stop)[0], params.stop,
                                     o.finish_reason is not None)
                 delta, sent = text[sent:], max(sent, len(text))
-                yield Delta(delta, o.token_ids, o.logprobs, o.finish_reason, o.prompt_tokens, o.completion_tokens,
-                            o.error, o.bad_request)
+                yield Delta(o.token_ids, o.logprobs, o.finish_reason, o.prompt_tokens, o.completion_tokens, o.error,
+                            o.bad_request, text=delta)
         finally:
             self._streams.pop(request_id, None)
             if not finished and self.healthy:  # the client went away: the core frees its slot
