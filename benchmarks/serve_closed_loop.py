@@ -14,6 +14,7 @@ compile inside a request would be one). Processes run one at a time: the 2 cores
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -64,14 +65,16 @@ def _served(args, deployment: str, clients: list[int]) -> dict:
 
 async def _rounds(urls: list[str], clients: int, rounds: int, max_tokens: int) -> list[float]:
     """tok/s of each round: B streaming completions at once (spread over the attention ranks)."""
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def one(url: str) -> int:
-            tokens = 0
+            tokens = 0  # from the usage chunk: a chunk may carry several tokens
             async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
                 async for line in resp.aiter_lines():
-                    tokens += line.startswith("data: {")
+                    if line.startswith('data: {"') and '"usage"' in line:
+                        tokens = json.loads(line[6:]).get("usage", {}).get("completion_tokens", tokens)
             if resp.status_code != 200 or tokens < max_tokens:
                 raise RuntimeError(f"a request failed ({resp.status_code}, {tokens} of {max_tokens} tokens)")
             return max_tokens

@@ -46,3 +46,22 @@ def test_an_engine_core_that_cannot_start_is_one_line_and_a_nonzero_exit(tmp_pat
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("afd: error: cannot read the weights file") and "Traceback" not in proc.stderr
+
+
+def test_outputs_queued_behind_a_slow_consumer_merge_into_one_delta():
+    import asyncio
+
+    from afd_compile.serve.engine_client import _merged
+
+    async def run():
+        queue = asyncio.Queue()
+        for token, finish in ((2, None), (3, "length"), (4, None)):  # nothing follows a finished output
+            queue.put_nowait(m.Output("r", [token], [{"logprob": -token}], finish, 5, token))
+        merged = _merged(m.Output("r", [1], [{"logprob": -1}], None, 5, 1), queue)
+        alone = _merged(queue.get_nowait(), queue)
+        return merged, alone
+
+    merged, alone = asyncio.run(run())
+    assert merged.token_ids == [1, 2, 3] and [lp["logprob"] for lp in merged.logprobs] == [-1, -2, -3]
+    assert merged.finish_reason == "length" and merged.completion_tokens == 3
+    assert alone.token_ids == [4]

@@ -113,7 +113,7 @@ class EngineClient:
             return
         try:
             while not finished:
-                o: m.Output = await out.get()
+                o = _merged(await out.get(), out)
                 finished = o.finish_reason is not None or o.error is not None or o.bad_request is not None
                 token_ids += o.token_ids
                 detokenizer.update(token_ids)
@@ -224,6 +224,21 @@ class EngineClient:
         self._inbox.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _merged(first: m.Output, queue: asyncio.Queue) -> m.Output:
+    """first and every output already queued behind it, as one: a consumer (an SSE stream, its
+    client) that fell behind the engine catches up in one chunk instead of one per token, as
+    vLLM's output collector merges. Keeping up, it is one token a chunk."""
+    if queue.empty():
+        return first
+    token_ids, logprobs, last = list(first.token_ids), list(first.logprobs), first
+    while not queue.empty() and last.finish_reason is None and last.error is None and last.bad_request is None:
+        last = queue.get_nowait()
+        token_ids += last.token_ids
+        logprobs += last.logprobs
+    return m.Output(last.request_id, token_ids, logprobs, last.finish_reason, last.prompt_tokens,
+                    last.completion_tokens, last.error, last.bad_request)
 
 
 def _put_all(items) -> None:
