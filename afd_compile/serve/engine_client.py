@@ -58,13 +58,13 @@ class EngineClient:
             target=engine_core.run, args=(engine_cfg, afd, warmup, to_core, from_core, log_level),
             name="afd-engine-core")
         self.process.start()
-        self.tokenizer = load_tokenizer(engine_cfg.model)  # meanwhile
         self.healthy, self.reconnecting, self.error = False, False, None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
         self._closed = False
         try:
+            self.tokenizer = load_tokenizer(engine_cfg.model)  # while the core loads
             ready = self._wait_ready()
         except BaseException:
             self.close()
@@ -176,7 +176,10 @@ class EngineClient:
                 continue
             except zmq.ZMQError:  # closed under it
                 return
-            self._dispatch(message)
+            try:
+                self._dispatch(message)
+            except Exception:  # a bug here must not leave every later request without answers
+                log.exception("dispatching %s failed", type(message).__name__)
 
     def _dispatch(self, message) -> None:
         if isinstance(message, m.Outputs):
