@@ -845,6 +845,21 @@ def test_live_trace_of_the_running_afd_deployment(afd, mono):
     assert_error(post(mono, "/debug/trace", {"steps": 3}), 400, contains=("monolithic",))
 
 
+def test_overlapping_trace_calls_each_get_an_answer(afd):
+    """A second POST /debug/trace while one records shares that recording: both answer."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        first = pool.submit(post, afd, "/debug/trace", {"steps": 4, "timeout": 20}, timeout=60)
+        time.sleep(0.2)
+        second = pool.submit(post, afd, "/debug/trace", {"steps": 2, "timeout": 20}, timeout=60)
+        for _ in range(3):
+            pool.submit(chat, afd, "1 3 5 7 9", max_tokens=12, ignore_eos=True, temperature=0)
+        answers = [first.result(), second.result()]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert all(any(e["ph"] == "X" for e in r.json()["traceEvents"]) for r in answers)
+
+
 def test_no_decode_step_compiles_after_health_is_ready(tiny_greedy_checkpoint, tmp_path):
     """`afd serve` compiled (its default warm-up): requests that arrive together after /health is
     ready, ramping the batch through every bucket and their contexts past 64 positions, build no

@@ -109,7 +109,8 @@ class AsyncEngine:
         self.error: str | None = None
         self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
         self._stopped = threading.Event()
-        self._trace: tuple[float, asyncio.Future] | None = None  # a pending record_trace: (deadline, result)
+        # The pending recording of record_trace: (deadline, the futures of every caller sharing it).
+        self._trace: tuple[float, list[asyncio.Future]] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -226,7 +227,8 @@ class AsyncEngine:
         log.error("engine step failed (%s); re-forming the AFD world", failure)
         self._fail(self.engine.scheduler.running, failure)
         if self._trace is not None:
-            self._trace[1].get_loop().call_soon_threadsafe(self._trace[1].set_exception, RuntimeError(failure))
+            for future in self._trace[1]:
+                future.get_loop().call_soon_threadsafe(future.set_exception, RuntimeError(failure))
             self._trace = None
         while not self._stopped.is_set():
             try:
@@ -275,23 +277,28 @@ class AsyncEngine:
     def _finish_trace(self) -> None:
         if self._trace is None:
             return
-        deadline, future = self._trace
+        deadline, futures = self._trace
         runner = self.engine.runner
         if runner.trace_remaining > 0 and time.monotonic() < deadline:
             return
         self._trace = None
         try:
             result = runner.collect_trace(timeout_s=10)
-        except Exception as e:  # the future must be answered; a dead link also ends the loop
-            future.get_loop().call_soon_threadsafe(future.set_exception, e)
+        except Exception as e:  # the futures must be answered; a dead link also ends the loop
+            for future in futures:
+                future.get_loop().call_soon_threadsafe(future.set_exception, e)
             raise
-        future.get_loop().call_soon_threadsafe(future.set_result, result)
+        for future in futures:
+            future.get_loop().call_soon_threadsafe(future.set_result, result)
 
     def _apply(self, command) -> None:
         if command[0] == "trace":
             _, steps, deadline, future = command
+            if self._trace is not None:  # a recording is under way: this caller shares it
+                self._trace[1].append(future)
+                return
             self.engine.runner.record_trace(steps)
-            self._trace = (deadline, future)
+            self._trace = (deadline, [future])
             return
         if command[0] == "add":
             _, request_id, prompt, params, target = command
