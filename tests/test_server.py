@@ -685,6 +685,31 @@ def test_stream_disconnect_aborts_request(mono):
     assert metric(mono, "afd:generation_tokens_total") - tokens_before == generated  # nothing more ran
 
 
+def test_a_client_gone_before_admission_is_aborted(shipped_model, tmp_path):
+    """One KV slot, held by a long request: a second request waits for it; its client hangs up
+    before it is admitted. It must never run (it did, to max_tokens, when aborts needed the engine
+    to have admitted the request first)."""
+    import threading
+
+    server = start_monolithic(shipped_model, tmp_path, name="preadmit", extra=["--max-num-seqs", "1"])
+    try:
+        server.wait_ready(120)
+        long = {"prompt": ODD, "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+        holder = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/completions", json=long, timeout=120))
+        holder.start()
+        wait_metric(server, "afd:num_requests_running", 1)
+        with httpx.Client(timeout=60) as client:
+            body = {"prompt": ODD, "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+            with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                wait_metric(server, "afd:num_requests_waiting", 1)
+        holder.join(120)  # the connection closed above, while the request still waited
+        time.sleep(1.0)
+        assert metric(server, "afd:generation_tokens_total") == 300  # the long request's, no more
+        assert metric(server, "afd:num_requests_waiting") == 0 and metric(server, "afd:num_requests_running") == 0
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("path,prompt", [("/v1/chat/completions", {"messages": [{"role": "user", "content": ODD}]}),
                                          ("/v1/completions", {"prompt": ODD})], ids=["chat", "completions"])
 def test_non_streaming_disconnect_aborts_request(mono, path, prompt):
