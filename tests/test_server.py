@@ -549,6 +549,15 @@ def test_prompt_longer_than_context_400(mono, tokenizer):
                  contains=(str(CONTEXT),))
 
 
+def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(mono):
+    """A ~900 KB prompt (under the 1 MiB body limit) could not fit 512 tokens: 400 naming its
+    length in characters (the check before tokenizing, not the token count after), both endpoints."""
+    huge = "9 " * 450_000
+    for path, body in (("/v1/completions", {"prompt": huge, "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]})):
+        assert_error(post(mono, path, body), 400, contains=("900000 characters", str(CONTEXT)))
+
+
 def test_prompt_plus_max_tokens_over_context_400(mono):
     """Oracle: 8 prompt tokens + 505 completion tokens = 513 > 512; 8 + 504 = 512 fits."""
     err = assert_error(chat(mono, ODD, max_tokens=CONTEXT - 8 + 1), 400, "max_tokens",

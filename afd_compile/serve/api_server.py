@@ -270,7 +270,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req)
         try:
-            prompt = engine.encode_chat([m.model_dump() for m in req.messages])
+            prompt = await engine.encode_chat([m.model_dump() for m in req.messages])
         except AfdError as e:
             raise APIError(400, str(e), param="messages") from None
         n_max = (max_tokens(req, len(prompt), req.max_completion_tokens, "max_completion_tokens")
@@ -313,7 +313,10 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} completions; at "
                                 f"most {MAX_CHOICES} per request", param="prompt")
-        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        try:
+            encoded = [await engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        except AfdError as e:
+            raise APIError(400, str(e), param="prompt") from None
         if any(not e for e in encoded):
             raise APIError(400, "the prompt is empty", param="prompt")
         jobs = []  # (prompt index, prompt ids, stream)

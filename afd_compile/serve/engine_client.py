@@ -10,6 +10,7 @@ at once with a 503 error, and /health says so.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import multiprocessing
@@ -33,6 +34,9 @@ from afd_compile.serve.async_engine import Delta as TokenDelta
 from afd_compile.serve import messages as m
 
 log = logging.getLogger("afd.serve")
+# A prompt of more characters than this per token of the context cannot fit it: refused
+# before tokenizing (tokenizing a 1 MB prompt takes ~0.5 s).
+MAX_CHARS_PER_TOKEN = 64
 POLL_MS = 200  # how often the reader looks at the core process while nothing arrives
 METRICS_TIMEOUT_S = 5.0
 
@@ -63,6 +67,7 @@ class EngineClient:
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
         self._closed = False
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="afd-tokenize")
         try:
             self.tokenizer = load_tokenizer(engine_cfg.model)  # while the core loads
             ready = self._wait_ready()
@@ -92,11 +97,28 @@ class EngineClient:
     def serving(self) -> bool:
         return self.healthy or self.reconnecting
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, tokenized off the event loop (a long prompt would stall every
+        stream and /health while it tokenizes); one longer than the context could hold is
+        refused before tokenizing."""
+        self._check_length(len(text))
+        return await self._off_loop(lambda: self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
             raise AfdError("the tokenizer has no chat template")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        self._check_length(sum(len(str(msg.get("content") or "")) for msg in messages))
+        return await self._off_loop(lambda: list(self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+
+    def _check_length(self, chars: int) -> None:
+        limit = MAX_CHARS_PER_TOKEN * self.max_model_len
+        if chars > limit:
+            raise AfdError(f"the prompt has {chars} characters; this model's context of {self.max_model_len} tokens "
+                           f"holds no more than {limit} ({MAX_CHARS_PER_TOKEN} a token)")
+
+    async def _off_loop(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn)
 
     # ---- requests
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
@@ -220,6 +242,7 @@ class EngineClient:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
         reader = getattr(self, "_reader", None)
         if reader is not None:
             reader.join(2 * POLL_MS / 1000)
