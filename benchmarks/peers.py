@@ -143,9 +143,12 @@ def _failure_line(output: str) -> str:
 
 
 def _figures(res: dict, short: int, long: int) -> dict:
+    """Decode tok/s from the difference of the two lengths; None when the longer run was not the
+    slower (the machine's noise outweighed the extra tokens: more --steps resolves it)."""
     t = res["times"]
     b = res["batch_size"]
-    return {"batch_size": b, "decode_tokens_per_s": b * (long - short) / (t[str(long)] - t[str(short)]),
+    extra_s = t[str(long)] - t[str(short)]
+    return {"batch_size": b, "decode_tokens_per_s": b * (long - short) / extra_s if extra_s > 0 else None,
             "ttft_ms": t["1"] * 1e3, "times_s": t}
 
 
@@ -201,7 +204,7 @@ def run(args) -> dict:
     for r in rows:
         for peer in ("transformers", "vllm"):
             other = by.get((r["dtype"], peer, r["batch_size"]))
-            if r["backend"] == "afd-compile" and other:
+            if r["backend"] == "afd-compile" and other and r["decode_tokens_per_s"] and other["decode_tokens_per_s"]:
                 r[f"decode_vs_{peer}"] = r["decode_tokens_per_s"] / other["decode_tokens_per_s"]
     result = {"scenario": SCENARIO, "machine": machine_info(),
               "config": {"model": str(args.model), "batch_sizes": batch_sizes, "dtypes": dtypes, "short": short,

