@@ -151,7 +151,7 @@ class AsyncEngine:
             if get is not None:
                 get.cancel()
             if not finished:  # the caller went away, admitted or not yet: free its KV slot
-                self.commands.put(("abort", request_id))
+                self.abort(request_id)
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queues a request whose deltas go to the sink (any thread)."""
