@@ -17,7 +17,7 @@ from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.scheduler import ScheduledBatch, Scheduler
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
-from afd_compile.model.loader import load_model, load_tokenizer
+from afd_compile.model.loader import chat_prompt_ids, load_model, load_tokenizer
 
 log = logging.getLogger("afd.engine")
 
@@ -49,10 +49,7 @@ class LLMEngine:
 
     # ---- requests
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise AfdError(f"the tokenizer of {self.config.model} has no chat template")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return chat_prompt_ids(self.tokenizer, messages, self.config.model)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:

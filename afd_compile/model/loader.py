@@ -68,6 +68,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise AfdError(f"cannot load the tokenizer in {str(path)!r}: {e}") from None
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict], model: str | Path) -> list[int]:
+    """The token ids of messages through the tokenizer's chat template, ending in the assistant's turn."""
+    if not tokenizer.chat_template:
+        raise AfdError(f"the tokenizer of {model} has no chat template")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def _safe_open(file: Path):
     """safe_open, with a missing or corrupt file reported as an AfdError."""
     try:

@@ -28,7 +28,7 @@ from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.engine.detokenizer import IncrementalDetokenizer, cut_at_stop, visible_text
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
-from afd_compile.model.loader import load_tokenizer
+from afd_compile.model.loader import chat_prompt_ids, load_tokenizer
 from afd_compile.serve import engine_core
 from afd_compile.serve.async_engine import Delta as TokenDelta
 from afd_compile.serve import messages as m
@@ -51,6 +51,7 @@ class EngineClient:
     def __init__(self, engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool, log_level: str = "WARNING"):
         """Starts the core and waits until it is Ready (built, compiled, warmed up). Raises
         AfdError with the core's own reason when it cannot start."""
+        self.model = engine_cfg.model
         self._dir = Path(tempfile.mkdtemp(prefix="afd-engine-"))
         to_core, from_core = f"ipc://{self._dir}/to_core", f"ipc://{self._dir}/from_core"
         self._ctx = zmq.Context()
@@ -93,10 +94,6 @@ class EngineClient:
                 raise AfdError(f"the engine core process exited with code {self.process.exitcode} before it was "
                                "ready (its log is above)")
 
-    @property
-    def serving(self) -> bool:
-        return self.healthy or self.reconnecting
-
     async def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, tokenized off the event loop (a long prompt would stall every
         stream and /health while it tokenizes); one longer than the context could hold is
@@ -105,11 +102,8 @@ class EngineClient:
         return await self._off_loop(lambda: self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise AfdError("the tokenizer has no chat template")
         self._check_length(sum(len(str(msg.get("content") or "")) for msg in messages))
-        return await self._off_loop(lambda: list(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+        return await self._off_loop(lambda: chat_prompt_ids(self.tokenizer, messages, self.model))
 
     def _check_length(self, chars: int) -> None:
         limit = MAX_CHARS_PER_TOKEN * self.max_model_len
@@ -215,7 +209,7 @@ class EngineClient:
         elif isinstance(message, m.EngineState):
             self.healthy, self.reconnecting, self.error = message.healthy, message.reconnecting, message.error
         elif isinstance(message, (m.TraceDone, m.Metrics)):
-            pending = self._pending.get(message.trace_id if isinstance(message, m.TraceDone) else message.metrics_id)
+            pending = self._pending.get(message.ask_id)
             if pending is not None:
                 pending[0].call_soon_threadsafe(_resolve, pending[1], message)
         else:

@@ -161,17 +161,17 @@ class _Relay:
         elif isinstance(message, m.StartTrace):
             asyncio.create_task(self.trace(message))
         elif isinstance(message, m.GetMetrics):
-            asyncio.create_task(self.send(m.Metrics(message.metrics_id, self.engine.metrics.render())))
+            asyncio.create_task(self.send(m.Metrics(message.ask_id, self.engine.metrics.render())))
 
     async def trace(self, request: m.StartTrace) -> None:
         try:
             result = await self.engine.record_trace(request.steps, request.timeout_s)
         except AfdError as e:
-            await self.send(m.TraceDone(request.trace_id, None, str(e), bad_request=True))
+            await self.send(m.TraceDone(request.ask_id, None, str(e), bad_request=True))
         except Exception as e:
-            await self.send(m.TraceDone(request.trace_id, None, f"{type(e).__name__}: {e}"))
+            await self.send(m.TraceDone(request.ask_id, None, f"{type(e).__name__}: {e}"))
         else:
-            await self.send(m.TraceDone(request.trace_id, result, None))
+            await self.send(m.TraceDone(request.ask_id, result, None))
 
     async def watch_state(self) -> None:
         """Sends the engine's state whenever it changes (a failed step, a re-formed world)."""

@@ -33,13 +33,13 @@ class AbortRequest(_Message):
 
 
 class StartTrace(_Message):
-    trace_id: int
+    ask_id: int  # the reply's, as EngineClient._ask numbers them
     steps: int
     timeout_s: float
 
 
 class GetMetrics(_Message):
-    metrics_id: int
+    ask_id: int
 
 
 class Shutdown(_Message):
@@ -82,14 +82,14 @@ class EngineState(_Message):
 
 
 class TraceDone(_Message):
-    trace_id: int
+    ask_id: int
     trace: dict | None
     error: str | None
     bad_request: bool = False
 
 
 class Metrics(_Message):
-    metrics_id: int
+    ask_id: int
     text: bytes  # the core's Prometheus exposition
 
 
