@@ -203,30 +203,40 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                    help="compile every decode shape before /health is ready, as vLLM captures its graphs at start-up "
                         "(default; inductor's caches in ~/.cache/afd-compile/inductor make a restart fast); "
                         "--no-warmup compiles each on first use, stalling that request")
+    p.add_argument("--timeout-graceful-shutdown", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C, running requests have this long to finish (uvicorn's flag; default 30); "
+                        "those still running just before it ends finish with finish_reason \"abort\"")
     _restart_args(p)
+
+
+def _check_server_args(args) -> None:
+    if not args.timeout_graceful_shutdown >= 0:
+        raise AfdError(f"--timeout-graceful-shutdown must be 0 or more seconds, got {args.timeout_graceful_shutdown}")
 
 
 def cmd_serve(args) -> None:
     _apply_additional_config(args)
+    _check_server_args(args)
     if args.model_tag:
         args.model = args.model_tag
     from afd_compile.serve.server import serve
 
     if args.afd_size is None:
         serve(_engine_config(args), None, args.host, args.port, args.api_key, args.served_model_name, args.log_level,
-              args.console, args.warmup)
+              args.console, args.warmup, args.timeout_graceful_shutdown)
         return
     if args.role is not None and parse_role(args.role) != "attention":
         raise AfdError("afd serve runs attention ranks; start FFN ranks with `afd ffn`")
     if args.rank is not None:
         serve(_engine_config(args), _afd_config(args, "attention", args.rank), args.host, args.port, args.api_key,
-              args.served_model_name, args.log_level, args.console, args.warmup)
+              args.served_model_name, args.log_level, args.console, args.warmup, args.timeout_graceful_shutdown)
         return
     _supervise(args, roles=("attention",))
 
 
 def cmd_launch(args) -> None:
     _apply_additional_config(args)
+    _check_server_args(args)
     if args.model_tag:
         args.model = args.model_tag
     if args.afd_size is None:
@@ -237,8 +247,11 @@ def cmd_launch(args) -> None:
 def _server_argv(args) -> list[str]:
     """The API flags of this invocation, for the attention ranks it starts."""
     argv = ["--host", args.host, "--port", str(args.port)] + (["--console"] if args.console else [])
-    argv += [] if args.warmup else ["--no-warmup"]
+    argv += ([] if args.warmup else ["--no-warmup"]) + ["--timeout-graceful-shutdown", str(args.timeout_graceful_shutdown)]
     return argv + (["--served-model-name", args.served_model_name] if args.served_model_name else [])
+
+
+RANK_EXIT_S = 15  # a server's exit after its graceful shutdown: closing the engine core, leaving the world
 
 
 def _supervise(args, roles: tuple[str, ...]) -> None:
@@ -266,7 +279,16 @@ def _supervise(args, roles: tuple[str, ...]) -> None:
     try:
         sup.wait()
     except KeyboardInterrupt:
-        sup.stop()
+        from afd_compile.roles.ffn import STOP_GRACE_S
+
+        # Attention ranks first: their servers finish (or end) their streams, then say goodbye
+        # to the FFN ranks, which exit once all their peers have left.
+        grace = getattr(args, "timeout_graceful_shutdown", 0.0)
+        ranks = {role: [c.name for c in sup.children if c.name.startswith(role)] for role in ("attention", "ffn")}
+        if ranks["attention"]:
+            print(f"afd: stopping: attention ranks finish their requests (at most {grace:.0f} s), then FFN ranks",
+                  file=sys.stderr, flush=True)
+        sup.stop([(ranks["attention"], grace + RANK_EXIT_S), (ranks["ffn"], STOP_GRACE_S)])
     finally:
         if args.trace:
             from afd_compile.trace import merge

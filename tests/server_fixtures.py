@@ -128,11 +128,13 @@ def start_launch(model_dir: Path, log_dir: Path, afd_size: str = "1A1F", name: s
     return Deployment(name, port, [Proc(name, args, log_dir, env={"MASTER_PORT": str(free_port())})], model)
 
 
-def start_afd_pair(model_dir: Path, log_dir: Path, name: str = "pair", extra: list[str] = ()) -> Deployment:
+def start_afd_pair(model_dir: Path, log_dir: Path, name: str = "pair", extra: list[str] = (),
+                   delay_us: float = 0) -> Deployment:
     """1A1F as two processes this test owns: `afd ffn --rank 0` and `afd serve --rank 0`."""
     port = free_port()
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    common = ["--model", str(model_dir), "--afd-size", "1A1F", "--rank", "0", "--enforce-eager"]
+    common = ["--model", str(model_dir), "--afd-size", "1A1F", "--rank", "0", "--enforce-eager",
+              "--connector-delay-us", str(delay_us)]
     ffn = Proc(f"{name}-ffn", ["ffn", *common], log_dir, env)
     attention = Proc(f"{name}-attention", ["serve", *common, "--port", str(port), *extra], log_dir, env)
     return Deployment(name, port, [ffn, attention], str(model_dir))

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,47 @@ from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer
 
 log = logging.getLogger("afd.ffn")
+# After SIGTERM an FFN rank serves on while its attention peers finish their streams (their
+# servers' 30 s grace) and say goodbye; past this it stops anyway.
+STOP_GRACE_S = 45.0
+
+
+class GracefulStop:
+    """SIGTERM (or a first Ctrl-C) on an FFN rank: while attention peers are connected
+    (`serving`) it keeps serving them until they leave, as a planned stop of the deployment stops
+    the attention ranks first and their last requests still need this rank; otherwise it exits at
+    once. A second signal stops it now. Installed on the main thread; a SIGINT the supervisor's
+    process group ignores stays ignored (the supervisor orders the stop)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.requested, self.serving = rank, False, False
+        self._previous: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested or not self.serving:
+            raise SystemExit(0)
+        self.requested = True
+        log.warning("ffn rank %d: %s: serving the attention ranks until they leave (at most %.0f s; send it again "
+                    "to stop now)", self.rank, signal.Signals(signum).name, STOP_GRACE_S)
+        threading.Thread(target=self._deadline, name="afd-stop-deadline", daemon=True).start()
+
+    def _deadline(self) -> None:
+        time.sleep(STOP_GRACE_S)
+        log.warning("ffn rank %d: attention ranks still connected %.0f s after the stop request; exiting",
+                    self.rank, STOP_GRACE_S)
+        logging.shutdown()
+        os._exit(1)  # the main thread may be blocked in a transfer: no clean way out of it
 
 
 class FFNWorker:

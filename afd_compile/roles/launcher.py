@@ -114,14 +114,21 @@ class Supervisor:
             child.tail.clear()
             self._spawn(child)
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM in reverse start order, so attention ranks say goodbye before FFN ranks go."""
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
+    def stop(self, stages: list[tuple[list[str], float]] | None = None) -> None:
+        """Stops the children in stages of (names, grace_s): each stage's children get SIGTERM
+        together and grace_s to exit (a server finishing its streams, an FFN rank its peers'
+        goodbyes) before SIGKILL, and the next stage starts only then. Default: everyone at once,
+        with 5 s."""
+        for names, grace_s in stages or [([c.name for c in self.children], 5.0)]:
+            stage = [c for c in self.children if c.name in names and c.proc.poll() is None]
+            for child in stage:
                 child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for child in stage:
                 try:
-                    child.proc.wait(grace_s)
+                    child.proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s of SIGTERM; killing it", child.name, grace_s)
                     child.proc.kill()
                     child.proc.wait()
 
@@ -159,7 +166,10 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux)."""
+    """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux);
+    ignore SIGINT, so a Ctrl-C in the terminal (sent to the whole process group) reaches only the
+    supervisor, which stops the ranks in order (Python keeps an ignored SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -17,7 +17,7 @@ from afd_compile.model.ffn_half import clear_expert_parallel, set_expert_paralle
 from afd_compile.model.loader import load_config, load_model
 from afd_compile.roles import rendezvous
 from afd_compile.roles.attention import AFDModelRunner
-from afd_compile.roles.ffn import FFNWorker
+from afd_compile.roles.ffn import FFNWorker, GracefulStop
 from afd_compile.trace import Tracer
 
 log = logging.getLogger("afd")
@@ -87,21 +87,27 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
     tracer = Tracer(f"ffn {afd.rank}", topo.global_rank("ffn", afd.rank), enabled=afd.trace is not None)
     world = None
     try:
-        while True:
-            world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl",
-                                    previous=world)
-            if topo.num_ffn > 1:
-                set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
-            connector = _connector(afd, world, hf, engine_cfg)
-            try:
-                FFNWorker(model, world, connector, tracer, compile_decode=not engine_cfg.enforce_eager).run()
-                return sum(p.numel() for p in model.parameters())
-            except RuntimeError as e:  # a ConnectorError or a gloo error: a peer died
-                log.warning("ffn rank %d: generation %s broke (%s); waiting for the next one", afd.rank,
-                            world.generation, str(e).splitlines()[0])
-                clear_expert_parallel(model.ffn_halves)
-            finally:
-                connector.close()
+        with GracefulStop(afd.rank) as stop:
+            while True:
+                world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl",
+                                        previous=world)
+                if topo.num_ffn > 1:
+                    set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
+                connector = _connector(afd, world, hf, engine_cfg)
+                try:
+                    stop.serving = True
+                    FFNWorker(model, world, connector, tracer, compile_decode=not engine_cfg.enforce_eager).run()
+                    return sum(p.numel() for p in model.parameters())
+                except RuntimeError as e:  # a ConnectorError or a gloo error: a peer died
+                    if stop.requested:  # stopping anyway: no next generation to wait for
+                        log.warning("ffn rank %d: stopped (%s)", afd.rank, str(e).splitlines()[0])
+                        return sum(p.numel() for p in model.parameters())
+                    log.warning("ffn rank %d: generation %s broke (%s); waiting for the next one", afd.rank,
+                                world.generation, str(e).splitlines()[0])
+                    clear_expert_parallel(model.ffn_halves)
+                finally:
+                    stop.serving = False
+                    connector.close()
     finally:
         if afd.trace:
             tracer.save(afd.trace)

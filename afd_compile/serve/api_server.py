@@ -21,6 +21,7 @@ from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("afd.serve")
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # to receive a request's whole body (nginx's client_body_timeout is 60 s between reads)
 # prompts x n of one request: 3000 one-token prompts with n=16 (15 KB) queued 48,000 sequences
 # ahead of every other client's request.
 MAX_CHOICES = 256
@@ -48,23 +49,33 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body streamed (chunked, no Content-Length) past the limit; the
-    guard middleware refuses a declared Content-Length over it before anything is read."""
+    """ASGI middleware: 413 for a body streamed (chunked, no Content-Length) past the limit (the
+    guard middleware refuses a declared Content-Length over it before anything is read), and 408
+    for a body not received within timeout_s: a client that declares more than it sends would
+    hold its request open for ever (uvicorn has no body timeout)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: what comes next is the disconnect, whenever it comes
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:  # raised inside FastAPI's body read, which passes HTTPException on
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:.0f} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:  # raised inside FastAPI's body read, which passes HTTPException on
+                complete = not message.get("more_body", False)
+                if seen > self.limit:
                     raise HTTPException(413, f"request body over {self.limit} bytes")
             return message
 
@@ -72,19 +83,20 @@ class BodyLimit:
 
 
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None, max_model_len: int = 0,
-              backend: str = "monolithic") -> FastAPI:
+              backend: str = "monolithic", body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     app = FastAPI(title="afd-compile", description="OpenAI-compatible API over Attention-FFN disaggregated MoE")
     tokenizer = engine.tokenizer
 
     # Added first, so it sits inside the guard: its 413 is raised straight into FastAPI's body read
     # (through the guard's receive, a task group would wrap it into an ExceptionGroup, a 400).
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, timeout_s=body_timeout_s)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path != "/health" and api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return error_response(401, "invalid or missing API key", "authentication_error")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:

@@ -314,8 +314,15 @@ class AsyncEngine:
             self.streams[seq.request_id] = _Stream(target, seq, time.monotonic())
             self.metrics.requests.inc()
         elif command[0] == "abort":
+            stream = self.streams.pop(command[1], None)
             self.engine.abort(command[1])
-            self.streams.pop(command[1], None)
+            if stream is not None:  # a caller still listening (a server's deadline) sees how it ended
+                seq, now = stream.seq, time.monotonic()
+                self.metrics.finished(seq, now - stream.arrival, now - (stream.first_token_at or now))
+                self._deliver([(command[1], stream.target, Delta(
+                    token_ids=seq.output_token_ids[stream.sent_tokens:], logprobs=seq.output_logprobs[stream.sent_tokens:],
+                    finish_reason="abort", prompt_tokens=len(seq.prompt_token_ids),
+                    completion_tokens=len(seq.output_token_ids)))])
 
     def _publish(self, seqs: list[Sequence]) -> None:
         now = time.monotonic()

@@ -68,6 +68,9 @@ class EngineClient:
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
         self._closed = False
+        # Shutting down (the server stopped accepting): running requests go on; one that was still
+        # being read or tokenized is refused with a 503.
+        self.draining = False
         self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="afd-tokenize")
         try:
             self.tokenizer = load_tokenizer(engine_cfg.model)  # while the core loads
@@ -116,8 +119,8 @@ class EngineClient:
 
     # ---- requests
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        if not self.healthy:
-            yield Delta(error=self.error or "the engine is not running")
+        if not self.healthy or self.draining:
+            yield Delta(error="the server is shutting down" if self.draining else self.error or "the engine is not running")
             return
         request_id, out = f"req-{uuid.uuid4().hex}", asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), out)
@@ -142,6 +145,11 @@ class EngineClient:
             self._streams.pop(request_id, None)
             if not finished and self.healthy:  # the client went away: the core frees its slot
                 self._send(m.AbortRequest(request_id))
+
+    def abort_all(self) -> None:
+        """Ends every running request now, each with finish_reason "abort" (a shutdown's deadline)."""
+        for request_id in list(self._streams):
+            self._send(m.AbortRequest(request_id))
 
     async def record_trace(self, steps: int, timeout_s: float) -> dict:
         if self.backend == "monolithic":
