@@ -63,6 +63,10 @@ def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
     p.add_argument("--connector-delay-us", type=float, default=0.0,
                    help="inject this link delay into every hidden-state message (overlap experiments; one host)")
     p.add_argument("--trace", default=None, help="write a Chrome trace (Perfetto) of the AFD timeline here")
+    p.add_argument("--dist-secret", default=None,
+                   help="shared secret every rank of the deployment must hold to join its rendezvous (prefer the "
+                        "environment, AFD_DIST_SECRET, which the process list does not show); ranks started by one "
+                        "`afd launch` / `afd serve` / `afd ffn` share a generated one")
     p.add_argument("--additional-config", default=None,
                    help='vLLM-AFD form, e.g. \'{"role": "ffn", "afd_size": "2A2F"}\'')
 
@@ -86,6 +90,10 @@ def _apply_additional_config(args) -> None:
 
 def _afd_config(args, role: str, rank: int):
     from afd_compile.config import AFDConfig
+    from afd_compile.roles.store import SECRET_ENV
+
+    if getattr(args, "dist_secret", None) is not None:  # the environment carries it to this rank's processes
+        os.environ[SECRET_ENV] = args.dist_secret
 
     return AFDConfig(afd_size=args.afd_size, role=role, rank=rank, micro_batches=args.micro_batches,
                      connector=args.connector, timeout_s=args.connector_timeout, ep_dispatch=args.ep_dispatch,

@@ -13,6 +13,7 @@ The shipped model continues "1 3 5 7 9" with "11 13 15 17 19 21 23 25" (then EOS
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -211,6 +212,30 @@ def test_startup_log_lines(mono, afd):
 # (early in the file: once its FFN rank is dead, the pair's idle ping-pong stops taking CPU)
 
 
+def test_health_is_degraded_while_the_ffn_rank_is_silent(pair):
+    """SIGSTOP of the FFN rank: within STALL_LIMIT_S (+2 s) /health says 503 "degraded" and why;
+    after SIGCONT it is "ok" again and the request that waited through the stall completes."""
+    from afd_compile.serve.async_engine import STALL_LIMIT_S
+
+    ffn = pair.procs[0]
+    ffn.proc.send_signal(signal.SIGSTOP)
+    try:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        request = pool.submit(chat, pair, ODD, temperature=0, timeout=60)
+        deadline = time.monotonic() + STALL_LIMIT_S + 2
+        while (h := httpx.get(f"{pair.url}/health", timeout=5)).status_code == 200:
+            assert time.monotonic() < deadline, "still ok while the FFN rank is stopped"
+            time.sleep(0.2)
+        assert h.status_code == 503 and h.json()["status"] == "degraded", h.text
+        assert "waiting for the FFN ranks" in h.json()["message"], h.text
+    finally:
+        ffn.proc.send_signal(signal.SIGCONT)
+    r = request.result(60)
+    pool.shutdown()
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ODD_ANSWER
+    assert httpx.get(f"{pair.url}/health", timeout=5).json()["status"] == "ok"
+
+
 def test_ffn_rank_killed_gives_503(pair):
     """Oracle: kill -9 of the FFN rank, with nobody to restart it, is the backend going away: within
     10 s /health turns 503 "degraded" (the attention rank waits for the FFN rank to come back, see
@@ -229,6 +254,10 @@ def test_ffn_rank_killed_gives_503(pair):
     err = assert_error(chat(pair, ODD, temperature=0, timeout=10), 503)
     assert err["type"] == "service_unavailable"
     assert time.monotonic() - start < 10
+    # it names the failure as it was (a closed link, seen at once), without gloo's paths or ports
+    for said in (h.json()["message"], err["message"]):
+        assert "peer closed the connection" in said and ".cc:" not in said and "silent" not in said, said
+        assert not re.search(r"\]:\d+", said), said
     # known down: streamed requests and text completions get the 503 before any stream starts
     assert_error(chat(pair, ODD, stream=True, timeout=10), 503)
     assert_error(post(pair, "/v1/completions", {"prompt": "1 2", "stream": True}, timeout=10), 503)
@@ -672,6 +701,7 @@ def test_stream_disconnect_aborts_request(mono):
     open; once the client hangs up, afd:num_requests_running drops to 0 and generation stops far short
     of 500 tokens."""
     tokens_before = metric(mono, "afd:generation_tokens_total")
+    aborted_before = metric(mono, 'afd:requests_finished_total{finish_reason="abort"}')
     body = {"model": mono.model, "messages": [{"role": "user", "content": ODD}], "max_tokens": 500,
             "ignore_eos": True, "temperature": 0, "stream": True}
     client = httpx.Client(timeout=60)
@@ -692,6 +722,7 @@ def test_stream_disconnect_aborts_request(mono):
     assert 3 <= generated < 400, generated
     time.sleep(0.5)
     assert metric(mono, "afd:generation_tokens_total") - tokens_before == generated  # nothing more ran
+    assert metric(mono, 'afd:requests_finished_total{finish_reason="abort"}') == aborted_before + 1
 
 
 def test_a_client_gone_before_admission_is_aborted(shipped_model, tmp_path):

@@ -9,6 +9,9 @@ process is gone, so both become ConnectorError.
 from __future__ import annotations
 
 import datetime
+import logging
+import re
+import time
 from collections import deque
 
 import torch
@@ -16,6 +19,7 @@ import torch.distributed as dist
 
 from afd_compile.connector.base import HEADER_LEN, AFDConnector, ConnectorError, Flag, Kind, StepHeader
 
+log = logging.getLogger("afd.connector")
 _HEADER_TAG = 1 << 20  # headers and acks never match a hidden-state receive
 
 
@@ -30,11 +34,15 @@ class GlooConnector(AFDConnector):
         self._recvs: dict[int, deque] = {}
 
     def _wait(self, work: dist.Work, what: str) -> None:
+        start = time.monotonic()
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
-            raise ConnectorError(f"{what} failed (peer dead or silent for {self.timeout.total_seconds():.0f} s): "
-                                 f"{str(e).splitlines()[0]}") from None
+            waited, detail = time.monotonic() - start, str(e).strip().splitlines()[0] if str(e).strip() else ""
+            log.warning("%s failed after %.1f s: %s", what, waited, detail)  # gloo's own words, for the log only
+            if waited < self.timeout.total_seconds() * 0.9:
+                raise ConnectorError(f"{what} failed: the peer closed the connection ({_reason(detail)})") from None
+            raise ConnectorError(f"{what} failed: nothing from the peer for {waited:.0f} s") from None
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         # A copy: gloo reads the tensor after isend returns, while the caller may reuse its memory
@@ -94,3 +102,12 @@ class GlooConnector(AFDConnector):
         # leaves the group, its peers see the link close at once rather than at their timeout.
         self._sends.clear()
         self._recvs.clear()
+
+
+def _reason(gloo_error: str) -> str:
+    """gloo's error without its source path and the peer's address (they say nothing to an API
+    client): `[../gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4021: Connection reset
+    by peer` -> `Read error: Connection reset by peer`."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", gloo_error)
+    text = re.sub(r"\s*\[[0-9a-fA-F.:]+\]:\d+", "", text)
+    return text.strip() or "no reason given"

@@ -1,7 +1,8 @@
 """Joining the AFD world: torch.distributed over gloo, addressed by MASTER_ADDR / MASTER_PORT.
 
-Global rank 0 (attention rank 0) hosts the TCP store; every other rank retries connecting
-until `timeout_s`, so either role may start first. MASTER_IP (the seed's name) is accepted
+Global rank 0 (attention rank 0) hosts the rendezvous store (store.py: bound to MASTER_ADDR's
+interface, closed to ranks without the deployment's secret); every other rank retries
+connecting until `timeout_s`, so either role may start first. MASTER_IP (the seed's name) is accepted
 for MASTER_ADDR; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are read by gloo / NCCL themselves.
 
 The world forms in generations, as torchelastic's rendezvous rounds: when a rank dies, the
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from afd_compile.errors import AfdError
+from afd_compile.roles.store import SECRET_ENV, SecretStore, StoreServer, dist_secret, new_secret
 from afd_compile.topology import Topology
 
 log = logging.getLogger("afd.rendezvous")
@@ -43,7 +45,8 @@ class World:
     store: dist.Store  # this generation's part of the rendezvous store, for connectors' own set-up
     generation: str  # unique per deployment and generation: names store keys and shared-memory segments
     nccl_group: dist.ProcessGroup | None = None  # all ranks, NCCL: the GPU connector's transfers
-    tcp_store: dist.TCPStore | None = None  # the connection (on global rank 0: the server) under `store`
+    tcp_store: SecretStore | None = None  # this rank's connection to the store, under `store`
+    store_server: StoreServer | None = None  # global rank 0: the store itself, kept across generations
 
 
 def master_address() -> tuple[str, int]:
@@ -59,10 +62,12 @@ def master_address() -> tuple[str, int]:
 
 
 def local_launch_env() -> dict[str, str]:
-    """Rendezvous address for ranks started by this process on one host: the user's
-    MASTER_ADDR (or MASTER_IP) and MASTER_PORT when set, else loopback and a free port."""
+    """Rendezvous for ranks started by this process on one host: the user's MASTER_ADDR (or
+    MASTER_IP) and MASTER_PORT when set, else loopback and a free port; the user's secret
+    (--dist-secret / AFD_DIST_SECRET), else a new one they share."""
     return {"MASTER_ADDR": os.environ.get("MASTER_ADDR") or os.environ.get("MASTER_IP") or "127.0.0.1",
-            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())}
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
+            SECRET_ENV: os.environ.get(SECRET_ENV) or new_secret()}
 
 
 def core_share(hosts: list[str], host: str, cores: int) -> int:
@@ -94,6 +99,8 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
     """Joins the AFD world: its first generation, or, after `previous` broke, the next one."""
     if previous is not None:  # a group's sockets close only once nothing references it
         previous.ffn_group = previous.nccl_group = None
+        if topology.global_rank(role, rank) != 0 and previous.tcp_store is not None:
+            previous.tcp_store.close()  # the old store's host may be the rank that died
     leave()
     addr, port = master_address()
     global_rank = topology.global_rank(role, rank)
@@ -103,15 +110,18 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
     else:
         log.info("%s rank %d waits for the rendezvous at %s:%d (up to %.0f s)", role, rank, addr, port, timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
+    secret, server = dist_secret(), previous.store_server if previous else None
     try:
         if global_rank == 0:
-            tcp = previous.tcp_store if previous else dist.TCPStore(
-                addr, port, topology.world_size, is_master=True, timeout=timeout, wait_for_workers=True)
+            if previous is None:
+                server = StoreServer(addr, port, secret)
+                tcp = SecretStore(addr, port, secret, timeout_s)
+            else:
+                tcp = previous.tcp_store
             generation = f"{os.getpid()}-{time.time_ns() % 10**12}"
             tcp.set(GENERATION_KEY, generation)
         else:
-            # A new connection each time: the old store's host may be the rank that died.
-            tcp = dist.TCPStore(addr, port, topology.world_size, is_master=False, timeout=timeout)
+            tcp = SecretStore(addr, port, secret, timeout_s)
             generation = _next_generation(tcp, previous.generation if previous else None, timeout_s)
         store = dist.PrefixStore(f"afd/{generation}/", tcp)
         dist.init_process_group("gloo", store=store, rank=global_rank, world_size=topology.world_size,
@@ -135,10 +145,10 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
     # Every rank must create the same groups in the same order, so nccl is a deployment-wide setting.
     nccl_group = dist.new_group(list(range(topology.world_size)), backend="nccl") if nccl else None
     return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, generation,
-                 nccl_group, tcp)
+                 nccl_group, tcp, server)
 
 
-def _next_generation(tcp: dist.TCPStore, left: str | None, timeout_s: float) -> str:
+def _next_generation(tcp: SecretStore, left: str | None, timeout_s: float) -> str:
     """Waits until attention rank 0 opens a generation other than the one this rank left."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -253,6 +253,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
                                  f"after {engine.error}; queued requests wait for it"}, status_code=503)
         if not engine.healthy:
             return error_response(503, f"the backend is down: {engine.error}", "service_unavailable")
+        if engine.stalled:  # requests still wait for it: degraded, not down
+            return JSONResponse({"status": "degraded", "backend": backend, "message": engine.stalled}, status_code=503)
         return {"status": "ok", "backend": backend}
 
     @app.post("/debug/trace", responses={400: {"model": ErrorResponse}})

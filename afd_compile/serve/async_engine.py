@@ -35,6 +35,9 @@ log = logging.getLogger("afd.serve")
 # while every rank stays idle: a request arriving meanwhile starts at once, and an idle
 # deployment exchanges a round per 20 ms, not a busy loop.
 IDLE_WAIT_S = (0.0005, 0.02)
+# A step (or an AFD idle round) running longer than this is reported: /health turns "degraded"
+# while an FFN rank is stopped or silent, long before the connector timeout fails the step.
+STALL_LIMIT_S = 5.0
 
 
 @dataclass
@@ -109,6 +112,7 @@ class AsyncEngine:
         self.error: str | None = None
         self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
         self._stopped = threading.Event()
+        self._step_started: float | None = None  # while the loop is inside a step or an idle round
         # The pending recording of record_trace: (deadline, the futures of every caller sharing it).
         self._trace: tuple[float, list[asyncio.Future]] | None = None
 
@@ -206,10 +210,10 @@ class AsyncEngine:
                 # rank's idle rounds pace its wait.
                 self._drain(0.0 if busy else 0.05 if self.idle is None else idle_wait)
                 if self.engine.scheduler.has_work():
-                    self._publish(self.engine.step())
+                    self._publish(self._timed(self.engine.step))
                     idle_wait = 0.0
                 elif self.idle is not None and not self._stopped.is_set():
-                    all_idle = self.idle()
+                    all_idle = self._timed(self.idle)
                     idle_wait = min(max(2 * idle_wait, IDLE_WAIT_S[0]), IDLE_WAIT_S[1]) if all_idle else 0.0
                 self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
                 self._finish_trace()
@@ -218,6 +222,22 @@ class AsyncEngine:
                 raise
             return f"{type(e).__name__}: {e}"  # only the text: the failed step's links must be freed
         return None
+
+    def _timed(self, fn):
+        self._step_started = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self._step_started = None
+
+    @property
+    def stalled(self) -> str | None:
+        """Why the engine looks stuck: a step running past STALL_LIMIT_S (any thread)."""
+        started = self._step_started
+        if started is None or time.monotonic() - started < STALL_LIMIT_S:
+            return None
+        what = "waiting for the FFN ranks" if self.idle is not None else "running"
+        return f"the engine's current step has been {what} for {time.monotonic() - started:.0f} s"
 
     def _recover(self, failure: str) -> None:
         """Fails the requests that were mid-step (their step is lost), keeps the queued ones, and

@@ -63,7 +63,7 @@ class EngineClient:
             target=engine_core.run, args=(engine_cfg, afd, warmup, to_core, from_core, log_level),
             name="afd-engine-core")
         self.process.start()
-        self.healthy, self.reconnecting, self.error = False, False, None
+        self.healthy, self.reconnecting, self.error, self.stalled = False, False, None, None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
@@ -216,6 +216,7 @@ class EngineClient:
                 loop.call_soon_threadsafe(_put_all, items)
         elif isinstance(message, m.EngineState):
             self.healthy, self.reconnecting, self.error = message.healthy, message.reconnecting, message.error
+            self.stalled = message.stalled
         elif isinstance(message, (m.TraceDone, m.Metrics)):
             pending = self._pending.get(message.ask_id)
             if pending is not None:

@@ -174,10 +174,11 @@ class _Relay:
             await self.send(m.TraceDone(request.ask_id, result, None))
 
     async def watch_state(self) -> None:
-        """Sends the engine's state whenever it changes (a failed step, a re-formed world)."""
+        """Sends the engine's state whenever it changes (a failed step, a stall, a re-formed world)."""
         last = None
         while True:
-            state = (self.engine.healthy, self.engine.reconnecting, self.engine.error)
+            # stalled counts whole seconds: a message a second while a stall lasts, not one a poll
+            state = (self.engine.healthy, self.engine.reconnecting, self.engine.error, self.engine.stalled)
             if state != last:
                 await self.send(m.EngineState(*state))
                 last = state

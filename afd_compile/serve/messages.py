@@ -79,6 +79,7 @@ class EngineState(_Message):
     healthy: bool
     reconnecting: bool
     error: str | None
+    stalled: str | None = None  # a step has run past STALL_LIMIT_S (a silent AFD peer): why, for /health
 
 
 class TraceDone(_Message):

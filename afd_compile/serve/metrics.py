@@ -16,6 +16,8 @@ class Metrics:
         self.requests = Counter("afd:requests", "Requests admitted to the engine", registry=r)
         self.finished_requests = Counter("afd:requests_finished", "Finished requests by finish reason",
                                          ["finish_reason"], registry=r)
+        for reason in ("stop", "length", "abort"):  # exported from the start, at 0
+            self.finished_requests.labels(reason)
         self.generation_tokens = Counter("afd:generation_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("afd:prompt_tokens", "Prompt tokens processed", registry=r)
         self.ttft = Histogram("afd:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,

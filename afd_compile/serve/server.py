@@ -32,8 +32,9 @@ KEEP_ALIVE_TIMEOUT_S = 5  # an idle keep-alive connection is closed after this (
 
 def h11_with_header_timeout(timeout_s: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing a connection whose request headers are not complete
-    timeout_s after it opened (or after its last response): uvicorn has no header timeout, so a
-    client sending headers a byte at a time (slowloris) would hold a connection for ever."""
+    timeout_s after it opened (or after a kept-alive one began its next request): uvicorn has no
+    header timeout, so a client sending headers a byte at a time (slowloris) would hold a
+    connection for ever."""
 
     class Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -42,10 +43,11 @@ def h11_with_header_timeout(timeout_s: float) -> type[H11Protocol]:
             super().connection_made(transport)
             self._arm()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
+        def data_received(self, data: bytes) -> None:
+            # The next request of a kept-alive connection (idle, the keep-alive timeout applies)
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 self._arm()
+            super().data_received(data)
 
         def handle_events(self) -> None:
             super().handle_events()
