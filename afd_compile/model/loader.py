@@ -69,10 +69,56 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], model: str | Path) -> list[int]:
-    """The token ids of messages through the tokenizer's chat template, ending in the assistant's turn."""
+    """The token ids of messages through the tokenizer's chat template, ending in the assistant's
+    turn. Special-token text typed in a message (`<|assistant|>`) is encoded as text, not as the
+    special token: otherwise a user forges turns of the conversation."""
     if not tokenizer.chat_template:
         raise AfdError(f"the tokenizer of {model} has no chat template")
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    specials = {t.content: (i, t) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    contents = [str(msg.get("content") or "") for msg in messages]
+    if not any(s in c for c in contents for s in specials):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return _ids_with_content_as_text(tokenizer, messages, contents, specials)
+
+
+def _ids_with_content_as_text(tokenizer, messages, contents, specials) -> list[int]:
+    """The template rendered with a placeholder for each message's content tells the template's
+    own special tokens from the messages' text. Tokenizing splits the text at special tokens
+    before anything else (tokenizers' added vocabulary), so splitting only at the template's and
+    encoding each stretch between them with special tokens off gives the ids ordinary
+    tokenization gives a message without special-token text."""
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use code points
+    rendered = tokenizer.apply_chat_template([{**msg, "content": mark} for msg, mark in zip(messages, marks)],
+                                             add_generation_prompt=True, tokenize=False)
+    if any(rendered.count(mark) != 1 for mark in marks):
+        raise AfdError("a message contains special-token text, and this model's chat template does not insert "
+                       "message content verbatim, so it cannot be kept apart from the template's special tokens")
+    pieces = re.split("(" + "|".join(re.escape(mark) for mark in marks) + ")", rendered)
+    special = re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+    segments: list = [""]  # text (str) and special-token ids (int), text never twice in a row
+    for piece in pieces:
+        if piece in marks:
+            segments[-1] += contents[marks.index(piece)]
+            continue
+        for j, part in enumerate(special.split(piece)):
+            if j % 2:  # a special token of the template
+                token = specials[part][1]
+                if token.lstrip:
+                    segments[-1] = segments[-1].rstrip()
+                segments += [specials[part][0], ""]
+                strip_next = token.rstrip
+            else:
+                segments[-1] += part.lstrip() if j and strip_next else part
+    backend = tokenizer.backend_tokenizer
+    previous, backend.encode_special_tokens = backend.encode_special_tokens, True
+    try:
+        ids: list[int] = []
+        for seg in segments:
+            ids += [seg] if isinstance(seg, int) else backend.encode(seg, add_special_tokens=False).ids if seg else []
+        return ids
+    finally:
+        backend.encode_special_tokens = previous
 
 
 def _safe_open(file: Path):
