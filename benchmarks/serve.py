@@ -26,16 +26,25 @@ from afd_compile.topology import Topology
 from benchmarks.report import format_table, machine_info, write_json
 
 
-def _start(deployment: str, args, port: int) -> subprocess.Popen:
-    common = ["--model", str(args.model), "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
-              "--max-model-len", str(args.max_model_len or 128)]
+def engine_argv(args, deployment: str, max_model_len: int) -> list[str]:
+    """The engine flags of a serving benchmark's ranks (`afd serve` / `afd launch` / `afd ffn`):
+    one builder for every serving scenario. max_model_len: the scenario's default."""
+    common = ["--model", str(args.model), "--max-num-seqs", str(args.max_num_seqs),
+              "--max-model-len", str(args.max_model_len or max_model_len), "--dtype", args.dtype]
     # Compiled, the server warms up every decode shape before /health is ready (its default).
     common += ["--enforce-eager"] if args.enforce_eager else []
     if deployment == "monolithic":
-        argv = ["serve", *common]
-    else:
-        argv = ["launch", "--afd-size", deployment, "--micro-batches", str(args.micro_batches),
-                "--connector", args.connector, *common]
+        return common
+    return [*common, "--afd-size", deployment, "--micro-batches", str(args.micro_batches), "--connector", args.connector]
+
+
+def server_argv(args, deployment: str, port: int, max_model_len: int) -> list[str]:
+    return ["serve" if deployment == "monolithic" else "launch", *engine_argv(args, deployment, max_model_len),
+            "--port", str(port)]
+
+
+def _start(deployment: str, args, port: int) -> subprocess.Popen:
+    argv = server_argv(args, deployment, port, max_model_len=128)
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     return subprocess.Popen([sys.executable, "-m", "afd_compile.cli", *argv], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -26,26 +26,20 @@ import httpx
 
 from afd_compile.errors import AfdError
 from afd_compile.roles.rendezvous import free_port
+from afd_compile.roles.store import SECRET_ENV, new_secret
 from afd_compile.topology import Topology
 from benchmarks.report import format_table, machine_info, write_json
-from benchmarks.serve import wait_healthy
+from benchmarks.serve import engine_argv, server_argv, wait_healthy
 
 PROMPT = "1 3 5 7 9 11 13 15 17 19 21 23"
 
 
-def _engine_args(args, deployment: str) -> list[str]:
-    common = ["--model", str(args.model), "--max-num-seqs", str(args.max_num_seqs),
-              "--max-model-len", str(args.max_model_len or 256), "--dtype", args.dtype,
-              *(["--enforce-eager"] if args.enforce_eager else [])]
-    if deployment == "monolithic":
-        return common
-    return [*common, "--afd-size", deployment, "--micro-batches", str(args.micro_batches),
-            "--connector", args.connector]
+MAX_MODEL_LEN = 256  # without --max-model-len: the servers and the offline engine alike
 
 
 def _served(args, deployment: str, clients: list[int]) -> dict:
     port = free_port()
-    argv = ["serve" if deployment == "monolithic" else "launch", *_engine_args(args, deployment), "--port", str(port)]
+    argv = server_argv(args, deployment, port, MAX_MODEL_LEN)
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", *argv], env=env, stdout=subprocess.DEVNULL,
@@ -93,8 +87,10 @@ def _offline(args, deployment: str, clients: list[int]) -> dict:
     results = ctx.Queue()
     ffn, env = None, {}
     if deployment != "monolithic":
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        ffn = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", "ffn", *_engine_args(args, deployment)],
+        # the supervised FFN ranks and the offline attention rank share one rendezvous secret
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), SECRET_ENV: new_secret()}
+        ffn_argv = ["ffn", *engine_argv(args, deployment, MAX_MODEL_LEN)]
+        ffn = subprocess.Popen([sys.executable, "-m", "afd_compile.cli", *ffn_argv],
                                env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     worker = ctx.Process(target=_offline_main, args=(results, args, deployment, clients, env))
@@ -118,7 +114,7 @@ def _offline_main(results, args, deployment: str, clients: list[int], env: dict)
     from afd_compile.engine.sampling_params import SamplingParams
 
     use_compile_cache()  # the one the servers filled: this run measures, it does not compile
-    cfg = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len or 256,
+    cfg = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len or MAX_MODEL_LEN,
                        dtype=args.dtype, enforce_eager=args.enforce_eager)
     if deployment == "monolithic":
         engine, leave = LLMEngine(cfg), lambda: None

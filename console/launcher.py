@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from afd_compile.roles.launcher import die_with_parent, stop_process_group
+from afd_compile.roles.store import SECRET_ENV, new_secret
 from afd_compile.roles.rendezvous import free_port
 from afd_compile.topology import Topology
 from console import validate
@@ -114,8 +115,9 @@ def commands(spec: LaunchSpec, master_port: int | None = None) -> str:
         return "# monolithic: one process\n" + shlex.join(["afd", *spec.launch_args()])
     lines = ["# everything on one host:", shlex.join(["afd", *spec.launch_args()]), "",
              "# or one rank per line, on any machines (replace MASTER_ADDR with the address of the",
-             "# machine that runs attention rank 0; every rank needs the same MASTER_ADDR/MASTER_PORT):",
-             f"export MASTER_ADDR=127.0.0.1 MASTER_PORT={master_port or 29500}"]
+             "# machine that runs attention rank 0; every rank needs the same MASTER_ADDR/MASTER_PORT",
+             "# and the same rendezvous secret, AFD_DIST_SECRET):",
+             f"export MASTER_ADDR=127.0.0.1 MASTER_PORT={master_port or 29500} AFD_DIST_SECRET={new_secret()}"]
     lines += [shlex.join(["afd", *args]) for _, args in spec.rank_commands()]
     return "\n".join(lines)
 
@@ -202,8 +204,10 @@ class Launcher:
             if self.running:
                 raise ConsoleError(f"A deployment ({self.spec.name}) is already running: stop it first.")
             self.spec, self.master_port = spec, free_port()
+            # one rendezvous secret for this deployment's ranks (the user's, else a new one)
             env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(self.master_port), **self.extra_env}
+                   "MASTER_PORT": str(self.master_port), SECRET_ENV: os.environ.get(SECRET_ENV) or new_secret(),
+                   **self.extra_env}
             env.pop("MASTER_IP", None)
             self.ranks = []
             for name, args in spec.rank_commands():
