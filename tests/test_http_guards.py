@@ -21,7 +21,8 @@ from afd_compile.serve.server import exposure_warning, h11_with_header_timeout
 
 class _NoEngine:
     """What build_app reads of an EngineClient, for endpoints that never reach the engine."""
-    tokenizer, healthy, reconnecting, error, draining, max_model_len, backend = None, True, False, None, False, 64, "x"
+    tokenizer, healthy, reconnecting, error, stalled, draining, max_model_len, backend = (
+        None, True, False, None, None, False, 64, "x")
 
     async def metrics_text(self) -> bytes:
         return b"afd:up 1\n"
