@@ -45,7 +45,7 @@ class World:
     store: dist.Store  # this generation's part of the rendezvous store, for connectors' own set-up
     generation: str  # unique per deployment and generation: names store keys and shared-memory segments
     nccl_group: dist.ProcessGroup | None = None  # all ranks, NCCL: the GPU connector's transfers
-    tcp_store: SecretStore | None = None  # this rank's connection to the store, under `store`
+    store_client: SecretStore | None = None  # this rank's connection to the store, under `store`
     store_server: StoreServer | None = None  # global rank 0: the store itself, kept across generations
 
 
@@ -99,8 +99,8 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
     """Joins the AFD world: its first generation, or, after `previous` broke, the next one."""
     if previous is not None:  # a group's sockets close only once nothing references it
         previous.ffn_group = previous.nccl_group = None
-        if topology.global_rank(role, rank) != 0 and previous.tcp_store is not None:
-            previous.tcp_store.close()  # the old store's host may be the rank that died
+        if topology.global_rank(role, rank) != 0 and previous.store_client is not None:
+            previous.store_client.close()  # the old store's host may be the rank that died
     leave()
     addr, port = master_address()
     global_rank = topology.global_rank(role, rank)
@@ -117,7 +117,7 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
                 server = StoreServer(addr, port, secret)
                 tcp = SecretStore(addr, port, secret, timeout_s)
             else:
-                tcp = previous.tcp_store
+                tcp = previous.store_client
             generation = f"{os.getpid()}-{time.time_ns() % 10**12}"
             tcp.set(GENERATION_KEY, generation)
         else:
