@@ -337,12 +337,9 @@ class AsyncEngine:
             stream = self.streams.pop(command[1], None)
             self.engine.abort(command[1])
             if stream is not None:  # a caller still listening (a server's deadline) sees how it ended
-                seq, now = stream.seq, time.monotonic()
-                self.metrics.finished(seq, now - stream.arrival, now - (stream.first_token_at or now))
-                self._deliver([(command[1], stream.target, Delta(
-                    token_ids=seq.output_token_ids[stream.sent_tokens:], logprobs=seq.output_logprobs[stream.sent_tokens:],
-                    finish_reason="abort", prompt_tokens=len(seq.prompt_token_ids),
-                    completion_tokens=len(seq.output_token_ids)))])
+                now = time.monotonic()
+                self.metrics.finished(stream.seq, now - stream.arrival, now - (stream.first_token_at or now))
+                self._deliver([(command[1], stream.target, _next_delta(stream))])
 
     def _publish(self, seqs: list[Sequence]) -> None:
         now = time.monotonic()
@@ -355,12 +352,19 @@ class AsyncEngine:
                 stream.first_token_at = now
                 self.metrics.ttft.observe(now - stream.arrival)
             self.metrics.generation_tokens.inc(len(seq.output_token_ids) - stream.sent_tokens)
-            delta = Delta(token_ids=seq.output_token_ids[stream.sent_tokens :],
-                          logprobs=seq.output_logprobs[stream.sent_tokens :], finish_reason=seq.finish_reason,
-                          prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids))
-            stream.sent_tokens = len(seq.output_token_ids)
+            delta = _next_delta(stream)
             if seq.finished:
                 self.streams.pop(seq.request_id, None)
                 self.metrics.finished(seq, now - stream.arrival, now - stream.first_token_at)
             deltas.append((seq.request_id, stream.target, delta))
         self._deliver(deltas)
+
+
+def _next_delta(stream: _Stream) -> Delta:
+    """What the stream's sequence gained since its last delta (and how it finished, if it did)."""
+    seq = stream.seq
+    delta = Delta(token_ids=seq.output_token_ids[stream.sent_tokens :], logprobs=seq.output_logprobs[stream.sent_tokens :],
+                  finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_token_ids),
+                  completion_tokens=len(seq.output_token_ids))
+    stream.sent_tokens = len(seq.output_token_ids)
+    return delta

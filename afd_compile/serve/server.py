@@ -26,7 +26,7 @@ SHUTDOWN_GRACE_S = 30  # uvicorn's --timeout-graceful-shutdown, by default
 ABORT_BEFORE_END_S = 3
 
 
-HEADER_TIMEOUT_S = 20.0  # from a connection (or its last response) to a request's complete headers
+HEADER_TIMEOUT_S = 20.0  # from a connection (or a kept-alive one's next bytes) to a request's complete headers
 KEEP_ALIVE_TIMEOUT_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default)
 
 
