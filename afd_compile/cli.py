@@ -12,17 +12,40 @@ from afd_compile.errors import AfdError
 from afd_compile.topology import parse_role
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    from afd_compile.model.loader import DEFAULT_MODEL
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF checkpoint directory (default: the shipped demo model)")
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line naming it, not the usage of fifty flags above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"afd: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (1..65535)")
+    return value
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    # default None (the shipped model, filled in by _check_early): parsing imports no torch, so a
+    # bad flag is answered at once
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the shipped demo model, "
+                                                 "models/afd-demo-moe)")
     p.add_argument("--enforce-eager", action="store_true", help="run without torch.compile, as in vLLM")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 2048))")
     p.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots: most sequences at once")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu (default), or cuda: compiled decode replayed as CUDA graphs")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default: cuda when this torch has a GPU, else cpu), cpu, or cuda: compiled decode "
+                        "replayed as CUDA graphs")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="DEBUG, INFO (default: start-up stages, compiles, request lines), WARNING, ERROR")
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
@@ -36,6 +59,8 @@ def _sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens tokens, past the end-of-sequence "
+                                                             "token (as vLLM's ignore_eos)")
 
 
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -46,7 +71,7 @@ def _sampling_argv(args) -> list[str]:
     """The sampling flags of this invocation, to pass on to child ranks."""
     out = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in SAMPLING_FLAGS
            if getattr(args, name) is not None]
-    return out + [f"--stop={s}" for s in args.stop]
+    return out + [f"--stop={s}" for s in args.stop] + (["--ignore-eos"] if args.ignore_eos else [])
 
 
 def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
@@ -72,7 +97,7 @@ def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
 
 
 def _apply_additional_config(args) -> None:
-    if not args.additional_config:
+    if not getattr(args, "additional_config", None):
         return
     try:
         extra = json.loads(args.additional_config)
@@ -106,7 +131,7 @@ def _sampling_params(args):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
-                          stop=args.stop)
+                          stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def _engine_config(args):
@@ -146,19 +171,36 @@ def cmd_generate(args) -> None:
         print(completion.text.strip() if args.chat else completion.text, flush=True)
 
 
+CHAT_HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this"
+
+
 def cmd_chat(args) -> None:
+    from afd_compile.model.loader import single_turn
+
     params = _sampling_params(args)
+    one_turn = single_turn(args.model) if args.single_turn is None else args.single_turn
     engine = _engine(args)
     messages = []
     hold = max((len(s) for s in params.stop), default=1) - 1
-    print("afd chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"afd chat{' (single-turn: each message alone)' if one_turn else ''}: {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             break
+        if line.startswith("/"):  # a command, never sent to the model
+            if line == "/exit":
+                break
+            if line == "/reset":
+                messages.clear()
+                print("(conversation cleared)", file=sys.stderr)
+            else:
+                print(CHAT_HELP if line == "/help" else f"unknown command {line}: {CHAT_HELP}", file=sys.stderr)
+            continue
         if not line:
-            break
+            continue
+        if one_turn:
+            messages.clear()
         messages.append({"role": "user", "content": line})
         try:
             seq = engine.add_request(engine.encode_chat(messages), params)
@@ -201,7 +243,7 @@ def _restart_args(p: argparse.ArgumentParser) -> None:
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", nargs="?", default=None, help="model directory (as in `vllm serve DIR`)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="attention rank i serves on port + i")
+    p.add_argument("--port", type=port, default=8000, help="attention rank i serves on port + i")
     p.add_argument("--api-key", default=os.environ.get("AFD_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every endpoint but /health (env AFD_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the --model path)")
@@ -336,7 +378,7 @@ def cmd_console(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="afd", description="Attention-FFN disaggregated MoE inference")
+    ap = _Parser(prog="afd", description="Attention-FFN disaggregated MoE inference")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete prompts and print only the completions, one per line")
@@ -353,9 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     _restart_args(p)
     p.set_defaults(func=cmd_ffn)
 
-    p = sub.add_parser("chat", help="interactive chat with the model")
+    p = sub.add_parser("chat", help="interactive chat with the model (/reset, /exit, /help)")
     _engine_args(p)
     _sampling_args(p, default_max_tokens=64)
+    p.add_argument("--single-turn", action=argparse.BooleanOptionalAction, default=None,
+                   help="send each message without the earlier turns (default: what the model's "
+                        "generation_config.json says in afd_single_turn; on for the demo model)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (monolithic, or the attention ranks of --afd-size)")
@@ -413,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("console", help="web console (Gradio): launch ranks, chat, traces, benchmarks")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860)
     p.set_defaults(func=cmd_console)
     return ap
 
@@ -431,6 +476,35 @@ def normalize_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_early(args) -> None:
+    """What can be checked without the model, checked before anything loads or starts: the
+    engine's options, the model directory, the ports to serve on."""
+    from afd_compile.model.loader import DEFAULT_MODEL, load_config
+
+    if hasattr(args, "model") and hasattr(args, "dtype"):
+        _apply_additional_config(args)
+        if getattr(args, "model_tag", None):
+            args.model = args.model_tag
+        if args.model is None:
+            args.model = str(DEFAULT_MODEL)
+        args.device = _engine_config(args).device  # auto resolved once, for this process and its ranks
+        load_config(args.model)
+    if args.command in ("serve", "launch", "console"):
+        from afd_compile.serve.server import check_port_free
+
+        if args.command == "console" or getattr(args, "afd_size", None) is None:
+            attention_ranks = [0]
+        else:
+            topo = _afd_config(args, "attention", 0).topology
+            # a rank started alone (--rank i) serves port + i only
+            attention_ranks = range(topo.num_attention) if getattr(args, "rank", None) is None else [args.rank]
+        for i in attention_ranks:
+            if args.port + i > 65535:
+                raise AfdError(f"attention rank {i} would serve on port {args.port + i}: --port {args.port} "
+                               f"leaves no room for {len(attention_ranks)} ranks (ports 1..65535)")
+            check_port_free(args.host, args.port + i)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
@@ -440,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     use_compile_cache()  # before anything compiles; the ranks a command starts inherit it
     try:
+        _check_early(args)
         args.func(args)
     except AfdError as e:
         print(f"afd: error: {e}", file=sys.stderr)

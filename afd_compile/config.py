@@ -25,6 +25,21 @@ def cache_dir(*parts: str) -> Path:
     return Path(root, *parts)
 
 
+def resolve_device(device: str) -> str:
+    """auto -> cuda or cpu; cuda without a GPU is an error here, before anything loads."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise AfdError(f"device {device!r} is not supported; choose auto, cpu or cuda")
+    if device == "cpu":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else \
+        f"this torch (CUDA {torch.version.cuda}) sees no GPU"
+    raise AfdError(f"device 'cuda' is not available: {why}; use --device cpu (or auto)")
+
+
 @dataclass
 class EngineConfig:
     model: str | Path = DEFAULT_MODEL
@@ -32,7 +47,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context length; default min(max_position_embeddings, 2048)
     max_num_batched_tokens: int = 2048  # prefill token budget of one step
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, or auto (cuda when this torch sees a GPU)
     enforce_eager: bool = False  # as in vLLM: no torch.compile
     batch_buckets: tuple[int, ...] = field(default=DEFAULT_BUCKETS)
     seed: int = 0
@@ -40,6 +55,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise AfdError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        self.device = resolve_device(self.device)
         if self.max_num_seqs < 1:
             raise AfdError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:

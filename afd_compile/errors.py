@@ -1,4 +1,4 @@
-"""The one user-facing error type: its message names the bad value and what is accepted."""
+"""The user-facing error types: a message names the bad value and what is accepted."""
 
 
 class AfdError(Exception):
@@ -6,3 +6,7 @@ class AfdError(Exception):
 
     The CLI prints it as one line and exits non-zero; the server maps it to a 4xx response.
     """
+
+
+class NothingToRecord(AfdError):
+    """/debug/trace asked for steps while no request runs (the server answers 409)."""

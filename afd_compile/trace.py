@@ -30,6 +30,21 @@ class Tracer:
             self.events.append({"name": name, "cat": cat, "ph": "X", "pid": self.pid, "tid": 0,
                                 "ts": start / 1e3, "dur": (time.time_ns() - start) / 1e3, "args": args})
 
+    @contextmanager
+    def compile_span(self, **args):
+        """One "compile" span for what runs inside (a new shape compiling, and its run on loopback
+        links), and none of the spans that run records: that time is neither attention nor FFN
+        work of a step."""
+        recording, self.enabled = self.enabled, False
+        start = time.time_ns()
+        try:
+            yield
+        finally:
+            self.enabled = recording
+            if recording:
+                self.events.append({"name": "compile", "cat": "compile", "ph": "X", "pid": self.pid, "tid": 0,
+                                    "ts": start / 1e3, "dur": (time.time_ns() - start) / 1e3, "args": args})
+
     def to_json(self) -> dict:
         meta = {"name": "process_name", "ph": "M", "pid": self.pid, "args": {"name": self.process_name}}
         return {"traceEvents": [meta, *self.events], "displayTimeUnit": "ms"}

@@ -26,6 +26,8 @@ from console.launcher import Launcher, LaunchSpec, commands
 from console.validate import CONNECTORS, ConsoleError
 
 STATUS_HEADERS = ["rank", "pid", "state", "uptime s", "endpoint"]
+ALL_RANKS = "all ranks"
+NOTICE_S = 10.0  # how long the Launch tab's status line shows an action's error
 SUMMARY_HEADERS = ["rank", "stage", "spans", "total ms", "mean ms", "% of window"]
 
 
@@ -41,32 +43,40 @@ class Console:
         self.results_dir = Path(results_dir)
         self.launcher = launcher or Launcher()
         self.bench = bench.BenchRunner()
+        # The Launch tab's one status line: the last action's error for NOTICE_S (or until the
+        # next action), else the deployment's state (rewritten every tick, never appended to).
+        self._notice: tuple[str, float] | None = None
 
     # ---- Launch tab
     def launch(self, model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port):
-        """-> (message, status table, commands, chat server URL)"""
+        """-> (status line, status table, commands, chat server URL, log choices)"""
         try:
             spec = LaunchSpec.from_form(model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port)
             self.launcher.start(spec)
         except ConsoleError as e:
-            return f"⚠️ {e}", self.status_table(), gr.skip(), gr.skip()
-        ranks = ", ".join(r.name for r in self.launcher.ranks)
-        return (f"Started {spec.name}: {ranks}. Waiting for /health…", self.status_table(),
-                commands(spec, self.launcher.master_port), spec.url())
+            self._notice = f"⚠️ {e}", time.monotonic()
+            return self._notice[0], self.status_table(), gr.skip(), gr.skip(), gr.skip()
+        self._notice = None
+        names = [ALL_RANKS, *(r.name for r in self.launcher.ranks)]
+        return (self.launcher.summary(), self.status_table(), commands(spec, self.launcher.master_port), spec.url(),
+                gr.update(choices=names, value=ALL_RANKS))
 
     def stop(self):
-        """-> (message, status table)"""
+        """-> (status line, status table)"""
+        self._notice = None
         if not self.launcher.ranks:
             return "Nothing to stop.", self.status_table()
         self.launcher.stop()
-        return f"Stopped {self.launcher.spec.name}.", self.status_table()
+        return self.launcher.summary(), self.status_table()
 
     def status_table(self) -> pd.DataFrame:
         return _frame(self.launcher.status_rows(), STATUS_HEADERS)
 
-    def tick(self):
-        """-> (status table, state summary, logs), every second."""
-        return self.status_table(), self.launcher.summary(), self.launcher.logs()
+    def tick(self, log_rank: str | None = None):
+        """-> (status table, status line, logs of log_rank or of every rank), every second."""
+        notice = self._notice is not None and time.monotonic() - self._notice[1] < NOTICE_S
+        return (self.status_table(), self._notice[0] if notice else self.launcher.summary(),
+                self.launcher.logs(None if log_rank in (None, ALL_RANKS) else log_rank))
 
     # ---- Traces tab
     def record(self, model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port, steps):
@@ -111,14 +121,16 @@ class Console:
         if not path:
             return None, "Record a trace first.", _frame([], SUMMARY_HEADERS)
         spans = traces.load_spans(path)
+        recorded = traces.step_count(spans)
         first = None if first_step in (None, "") or first_step < 0 else int(first_step)
         last = None if last_step in (None, "") or last_step < 0 else int(last_step)
         spans = traces.select_steps(spans, first, last)
         rows, metrics = traces.summary(spans)
         shown = "all steps" if first is None and last is None else \
-            f"steps {first if first is not None else 'first'}..{last if last is not None else 'last'}"
-        title = f"{Path(path).name}: {shown}"
-        return traces.figure(spans, title), traces.summary_markdown(metrics), _frame(rows, SUMMARY_HEADERS)
+            f"steps {first if first is not None else 0}..{last if last is not None else recorded - 1}"
+        title = f"{Path(path).name}: {shown} of 0..{recorded - 1}"
+        return (traces.figure(spans, title), traces.summary_markdown(metrics, recorded),
+                _frame(rows, SUMMARY_HEADERS))
 
     # ---- Bench tab
     def bench_results(self, scenario):
@@ -170,13 +182,13 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                 with gr.Row():
                     launch_btn = gr.Button("Launch", variant="primary", elem_id="launch-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-                launch_msg = gr.Markdown(elem_id="launch-message")
                 state_md = gr.Markdown("No deployment started.", elem_id="deployment-state")
                 status = gr.Dataframe(_frame([], STATUS_HEADERS), label="Ranks", interactive=False,
                                       elem_id="rank-status")
                 cmds = gr.Code("", language="shell", label="Equivalent CLI commands (copy to other machines)",
                                elem_id="commands")
-                logs = gr.Textbox(label="Logs", lines=14, max_lines=14, autoscroll=True, elem_id="logs")
+                log_rank = gr.Radio([ALL_RANKS], value=ALL_RANKS, label="Logs of", elem_id="log-rank")
+                logs = gr.Textbox(label="Logs (newest last)", lines=14, max_lines=14, autoscroll=True, elem_id="logs")
 
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 with gr.Row():
@@ -204,8 +216,9 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                 with gr.Row():
                     steps = gr.Number(4, precision=0, label="Decode steps to record", elem_id="trace-steps")
                     record_btn = gr.Button("Record", variant="primary", elem_id="record-btn")
-                    first_step = gr.Number(-1, precision=0, label="show from step (-1: first)")
-                    last_step = gr.Number(-1, precision=0, label="to step (-1: last)")
+                    first_step = gr.Number(-1, precision=0, label="show from step (0..N-1 of the recording; -1: first)",
+                                           elem_id="first-step")
+                    last_step = gr.Number(-1, precision=0, label="to step (-1: last)", elem_id="last-step")
                     redraw = gr.Button("Redraw")
                 trace_msg = gr.Markdown(elem_id="trace-message")
                 plot = gr.Plot(label="Timeline", elem_id="timeline")
@@ -221,24 +234,30 @@ def build_app(console: Console | None = None) -> gr.Blocks:
                     run_btn = gr.Button("Run", variant="primary", elem_id="bench-run")
                     stop_bench = gr.Button("Stop", variant="stop")
                 with gr.Accordion("Options", open=False):
+                    # Only the picked scenario's own flags show (bench.bench_args sends only those).
+                    shown = bench.OPTIONS["serve"]
                     with gr.Row():
-                        batch_sizes = gr.Textbox("1,16,64", label="monolithic: batch sizes")
-                        bsteps = gr.Number(32, precision=0, label="monolithic: steps")
-                        repeats = gr.Number(3, precision=0, label="monolithic: repeats")
-                        backends = gr.Textbox("compiled,eager,transformers", label="monolithic: backends")
-                    with gr.Row():
-                        deployments = gr.Textbox("monolithic,1A1F,2A2F", label="serve: deployments")
-                        rates = gr.Textbox("1,2,4", label="serve: rates (req/s)")
-                        requests = gr.Number(24, precision=0, label="serve: requests per rate")
+                        batch_sizes = gr.Textbox("1,16,64", label="batch sizes", visible="batch_sizes" in shown,
+                                                 elem_id="bench-batch-sizes")
+                        bsteps = gr.Number(32, precision=0, label="steps", visible="steps" in shown)
+                        repeats = gr.Number(3, precision=0, label="repeats", visible="repeats" in shown)
+                        backends = gr.Textbox("compiled,eager,transformers", label="backends",
+                                              visible="backends" in shown)
+                        deployments = gr.Textbox("monolithic,1A1F,2A2F", label="deployments",
+                                                 visible="deployments" in shown, elem_id="bench-deployments")
+                        rates = gr.Textbox("1,2,4", label="rates (req/s)", visible="rates" in shown)
+                        requests = gr.Number(24, precision=0, label="requests per rate", visible="requests" in shown)
+                    no_options = gr.Markdown("This scenario has no options.", visible=not shown)
                 bench_info = gr.Markdown(elem_id="bench-info")
                 bench_table = gr.Dataframe(label="Results", interactive=False, elem_id="bench-table")
                 bench_image = gr.Image(label="Plot", type="filepath", elem_id="bench-plot")
                 bench_log = gr.Textbox(label="Output", lines=10, max_lines=10, autoscroll=True, elem_id="bench-log")
 
         form = [model, afd_size, micro_batches, connector, enforce_eager, warmup, host, port]
-        launch_btn.click(c.launch, form, [launch_msg, status, cmds, url])
-        stop_btn.click(c.stop, None, [launch_msg, status])
-        gr.Timer(1.0).tick(c.tick, None, [status, state_md, logs], show_progress="hidden")
+        launch_btn.click(c.launch, form, [state_md, status, cmds, url, log_rank])
+        stop_btn.click(c.stop, None, [state_md, status])
+        gr.Timer(1.0).tick(c.tick, log_rank, [status, state_md, logs], show_progress="hidden")
+        log_rank.change(c.tick, log_rank, [status, state_md, logs], show_progress="hidden")
 
         chat_inputs = [msg, chatbot, url, api_key, multi_turn, temperature, top_p, top_k, repetition_penalty, max_tokens]
         send.click(chat.respond, chat_inputs, [chatbot, stats, msg])
@@ -249,10 +268,19 @@ def build_app(console: Console | None = None) -> gr.Blocks:
         redraw.click(c.show_trace, [trace_path, first_step, last_step], [plot, trace_md, trace_table])
 
         scenario.change(c.bench_results, scenario, [bench_info, bench_table, bench_image])
+        options = {"batch_sizes": batch_sizes, "steps": bsteps, "repeats": repeats, "backends": backends,
+                   "deployments": deployments, "rates": rates, "requests": requests}
+        scenario.change(lambda s: [gr.update(visible=name in bench.OPTIONS[s]) for name in options]
+                        + [gr.update(visible=not bench.OPTIONS[s])], scenario, [*options.values(), no_options])
         run_btn.click(c.run_bench, [scenario, batch_sizes, bsteps, repeats, backends, deployments, rates, requests],
                       [bench_log, bench_info, bench_table, bench_image])
         stop_bench.click(c.stop_bench, None, bench_log)
         demo.load(c.bench_results, scenario, [bench_info, bench_table, bench_image])
+    # Gradio's queue (made by Blocks itself) polls for events every 1 ms when it has none, and
+    # for progress every 10 ms: 6-7% of a core on this 2-core machine with no browser open.
+    # Every 50 ms (250 ms) instead: an event starts at most 50 ms later. No public option sets
+    # these (gradio 6.31).
+    demo._queue.sleep_when_free, demo._queue.progress_update_sleep_when_free = 0.05, 0.25
     demo.console = c
     return demo
 
@@ -263,7 +291,7 @@ def main(host: str = "127.0.0.1", port: int = 7860) -> None:
     print(f"afd console on http://{host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM closes the page and stops the ranks, as Ctrl-C does
     try:
-        demo.queue().launch(server_name=host, server_port=port, allowed_paths=[str(c.artifacts), str(c.results_dir), str(RESULTS_DIR)],
+        demo.launch(server_name=host, server_port=port, allowed_paths=[str(c.artifacts), str(c.results_dir), str(RESULTS_DIR)],
                             show_error=True, quiet=True)
     finally:
         c.launcher.stop()

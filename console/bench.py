@@ -24,6 +24,9 @@ from console.launcher import spawn
 from console.validate import ConsoleError
 
 SCENARIOS = ("monolithic", "connector", "serve", "moe", "afd")
+# The Bench tab's options each scenario takes (what bench_args sends for it).
+OPTIONS = {"monolithic": ("batch_sizes", "steps", "repeats", "backends"), "connector": (),
+           "serve": ("deployments", "rates", "requests"), "moe": ("repeats",), "afd": ("batch_sizes", "steps", "repeats")}
 BACKENDS = ("compiled", "eager", "transformers")
 
 

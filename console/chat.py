@@ -2,12 +2,18 @@
 
 The console never calls the engine: it is a client of /v1/chat/completions like any other, so
 it works the same against a monolithic server, an AFD deployment, or one on another machine.
-Each answer reports its time to first token and its tokens per second.
+Each answer reports its time to first token and its tokens per second. A wait for the next
+chunk longer than COMPILE_CHECK_S asks the server's /metrics: while `afd:compiles_running` is
+above 0 the stats say "compiling…" (a shape the server had not warmed up), and a wait during
+which it compiled (that, or `afd:compiled_graphs` grew) is left out of tok/s.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,23 +43,47 @@ class ChatParams:
                    max_tokens=validate.integer(max_tokens, "Max tokens", 1, 4096))
 
 
+COMPILE_CHECK_S = 1.0  # a wait this long for the next chunk asks the server whether it compiles
+_METRIC = re.compile(r"^(afd:compiled_graphs|afd:compiles_running) (\S+)$", re.M)
+
+
 @dataclass
 class AnswerStats:
     tokens: int = 0
     ttft_s: float | None = None
     total_s: float = 0.0
+    compile_s: float = 0.0  # waits during which the server compiled, after the first token
+    compile_before_first_s: float = 0.0  # ... and before it (inside the time to first token)
+    compiling: bool = False  # the server compiles now
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode rate: the tokens after the first over the time after the first."""
-        if self.ttft_s is None or self.tokens < 2 or self.total_s <= self.ttft_s:
+        """Decode rate: the tokens after the first over the time after the first, less compiles."""
+        decoding = self.total_s - (self.ttft_s or 0.0) - self.compile_s
+        if self.ttft_s is None or self.tokens < 2 or decoding <= 0:
             return None
-        return (self.tokens - 1) / (self.total_s - self.ttft_s)
+        return (self.tokens - 1) / decoding
 
     def markdown(self) -> str:
         ttft = "-" if self.ttft_s is None else f"{self.ttft_s * 1e3:.0f} ms"
+        if self.compile_before_first_s:
+            ttft += f" (compiling {self.compile_before_first_s:.1f} s of it)"
         rate = "-" if self.tokens_per_s is None else f"{self.tokens_per_s:.1f} tok/s"
-        return f"**{self.tokens} tokens** · time to first token {ttft} · {rate} · total {self.total_s:.2f} s"
+        if self.compile_s:
+            rate += f" (without {self.compile_s:.1f} s of compiling)"
+        now = " · **compiling a new shape on the server…**" if self.compiling else ""
+        return f"**{self.tokens} tokens** · time to first token {ttft} · {rate} · total {self.total_s:.2f} s{now}"
+
+
+def compile_state(client: httpx.Client, url: str, api_key: str | None) -> tuple[float, float] | None:
+    """The server's (afd:compiled_graphs, afd:compiles_running), or None if it does not say."""
+    try:
+        found = dict(_METRIC.findall(client.get(f"{url}/metrics", headers=_headers(api_key), timeout=5).text))
+    except httpx.HTTPError:
+        return None
+    if len(found) < 2:
+        return None
+    return float(found["afd:compiled_graphs"]), float(found["afd:compiles_running"])
 
 
 def no_server_message(url: str) -> str:
@@ -90,6 +120,33 @@ def model_name(client: httpx.Client, url: str, api_key: str | None) -> str:
     return r.json()["data"][0]["id"]
 
 
+def _lines(response: httpx.Response, idle_s: float) -> Iterator[str | None]:
+    """The response's lines, and None each idle_s that none came (read on a thread: httpx's
+    iterator cannot time out and resume)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            for line in response.iter_lines():
+                lines.put(line)
+        except Exception as e:  # handed to the reader below
+            lines.put(e)
+        lines.put(StopIteration)
+
+    threading.Thread(target=read, daemon=True, name="console chat stream").start()
+    while True:
+        try:
+            item = lines.get(timeout=idle_s)
+        except queue.Empty:
+            yield None
+            continue
+        if item is StopIteration:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
 def stream_answer(url: str, messages: list[dict], params: ChatParams, api_key: str | None = None,
                   timeout_s: float = 120.0) -> Iterator[tuple[str, AnswerStats]]:
     """Yields (text so far, stats) as the answer streams in. Raises ConsoleError for no server
@@ -102,13 +159,36 @@ def stream_answer(url: str, messages: list[dict], params: ChatParams, api_key: s
                     "stream_options": {"include_usage": True}, "temperature": params.temperature,
                     "top_p": params.top_p, "top_k": params.top_k, "repetition_penalty": params.repetition_penalty,
                     "max_tokens": params.max_tokens}
-            start = time.perf_counter()
+            state = compile_state(client, url, api_key)
+            graphs = state[0] if state else None  # at the start of the current wait
+            start = last = time.perf_counter()
             chunks = 0
             with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_headers(api_key)) as r:
                 if r.status_code != 200:
                     r.read()
                     raise ConsoleError(f"The server answered {r.status_code}: {_error_text(r)}")
-                for line in r.iter_lines():
+                waited_compiling = False  # the current wait for a chunk has seen the server compile
+                for line in _lines(r, COMPILE_CHECK_S):
+                    now = time.perf_counter()
+                    if line is None:  # no chunk for a while: is it compiling?
+                        state = compile_state(client, url, api_key) if graphs is not None else None
+                        if state is not None and (state[1] > 0 or state[0] > graphs) and not stats.compiling:
+                            waited_compiling = stats.compiling = True
+                            stats.total_s = now - start
+                            yield text, stats
+                        continue
+                    if now - last >= COMPILE_CHECK_S and graphs is not None:
+                        state = compile_state(client, url, api_key)  # a compile ends just before its step's chunk
+                        waited_compiling = waited_compiling or (state is not None and state[0] > graphs)
+                        graphs = state[0] if state else graphs
+                    if waited_compiling:  # the wait that just ended was (mostly) a compile
+                        gap = now - last
+                        if stats.ttft_s is None:
+                            stats.compile_before_first_s += gap
+                        else:
+                            stats.compile_s += gap
+                        stats.compiling = waited_compiling = False
+                    last = now
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -124,9 +204,9 @@ def stream_answer(url: str, messages: list[dict], params: ChatParams, api_key: s
                         if piece:
                             chunks += 1
                             if stats.ttft_s is None:
-                                stats.ttft_s = time.perf_counter() - start
+                                stats.ttft_s = now - start
                             text += piece
-                            stats.total_s = time.perf_counter() - start
+                            stats.total_s = now - start
                             stats.tokens = max(stats.tokens, chunks)
                             yield text, stats
             stats.total_s = time.perf_counter() - start

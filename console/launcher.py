@@ -14,6 +14,7 @@ machines.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from console import validate
 from console.validate import ConsoleError
 
 STATES = ("starting", "ready", "failed", "stopped")
+COMPILE_LINE = re.compile(r"(compiled .* in [\d.]+ s|warm-up: .*)$")
 LOG_LINES = 400
 
 # Children get SIGTERM when the *thread* that started them ends (PR_SET_PDEATHSIG), and Gradio
@@ -113,12 +115,15 @@ def commands(spec: LaunchSpec, master_port: int | None = None) -> str:
     """Shell text with the equivalent CLI commands, one rank per line, to copy to other machines."""
     if spec.topology is None:
         return "# monolithic: one process\n" + shlex.join(["afd", *spec.launch_args()])
+    # shared memory only joins ranks of one host: across machines the ranks talk over gloo
+    across = replace(spec, connector="gloo") if spec.connector == "shm" else spec
     lines = ["# everything on one host:", shlex.join(["afd", *spec.launch_args()]), "",
              "# or one rank per line, on any machines (replace MASTER_ADDR with the address of the",
              "# machine that runs attention rank 0; every rank needs the same MASTER_ADDR/MASTER_PORT",
-             "# and the same rendezvous secret, AFD_DIST_SECRET):",
+             "# and the same rendezvous secret, AFD_DIST_SECRET"
+             + ("; --connector gloo: shm joins ranks of one host only" if across is not spec else "") + "):",
              f"export MASTER_ADDR=127.0.0.1 MASTER_PORT={master_port or 29500} AFD_DIST_SECRET={new_secret()}"]
-    lines += [shlex.join(["afd", *args]) for _, args in spec.rank_commands()]
+    lines += [shlex.join(["afd", *args]) for _, args in across.rank_commands()]
     return "\n".join(lines)
 
 
@@ -254,13 +259,23 @@ class Launcher:
             return f"**{failed.name} failed** (exit code {failed.returncode}): {tail}"
         if all(s == "stopped" for s in states):
             return f"{self.spec.name} stopped."
-        return f"{self.spec.name} starting ({states.count('ready')}/{len(states)} ranks ready)…"
+        starting = f"{self.spec.name} starting ({states.count('ready')}/{len(states)} ranks ready)…"
+        compiling = [(r.name, line) for r in self.ranks if r.state() == "starting" for line in list(r.log)[-20:]
+                     if COMPILE_LINE.search(line)]
+        if compiling:  # the ranks' own INFO lines: "compiled decode step (...) in 14.2 s", "warm-up: ..."
+            name, line = compiling[-1]
+            return f"{starting} compiling the decode shapes before serving; {name}: {COMPILE_LINE.search(line).group(0)}"
+        return starting
 
-    def logs(self, lines: int = 60) -> str:
+    def logs(self, rank: str | None = None, lines: int = 60) -> str:
+        """The newest lines of one rank's log (newest last), or of every rank's, one block each."""
         parts = []
         for r in self.ranks:
+            if rank is not None and r.name != rank:
+                continue
             tail = list(r.log)[-lines:]
-            parts.append(f"----- {r.name} (pid {r.proc.pid if r.proc else '-'}) -----")
+            if rank is None:
+                parts.append(f"----- {r.name} (pid {r.proc.pid if r.proc else '-'}) -----")
             parts += tail or ["(no output yet)"]
         return "\n".join(parts)
 

@@ -1,7 +1,7 @@
 """Record a few decode steps of an AFD deployment and show every rank on one timeline.
 
 With an AFD deployment running (Launch tab), "Record" asks it for its next N steps through
-`POST /debug/trace` on attention rank 0 while a few chat requests keep it busy: every rank of
+`POST /debug/trace` on attention rank 0 once a few chat requests keep it busy: every rank of
 the running system records those steps, the FFN ranks hand theirs over through the rendezvous
 store, and the merged Chrome trace comes back (record_live).
 
@@ -10,8 +10,8 @@ With nothing running, it runs a short separate deployment with the Launch tab's 
     afd generate --afd-size X --micro-batches m --connector c --trace FILE --max-tokens N+1 --chat -- PROMPTS
 
 which starts every rank, generates, exits, and merges the ranks' traces into FILE
-(roles/generate.py), on its own rendezvous port. Its first step is the prefill; the N after it
-are decode steps (fewer if every prompt ends early).
+(roles/generate.py), on its own rendezvous port, with --ignore-eos: its first step is the
+prefill, the N after it are decode steps.
 
 The plot (plotly: zoom, pan, hover) has one row per rank and one bar per span (attention / send
 / wait / ffn) for each layer and micro-batch; the summary gives time per stage and how well the
@@ -26,7 +26,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,8 @@ from console.validate import ConsoleError
 
 # Chat prompts the shipped model knows; repeated so that every micro-batch gets rows.
 PROMPTS = ("1 3 5 7 9", "2 4 6 8", "10 20 30 40", "9 8 7 6", "5 10 15 20", "3 6 9 12", "100 200 300", "7 14 21 28")
-STAGE_COLORS = {"attention": "#1f77b4", "ffn": "#2ca02c", "send": "#ff7f0e", "wait": "#c7c7c7"}
+STAGE_COLORS = {"attention": "#1f77b4", "ffn": "#2ca02c", "send": "#ff7f0e", "wait": "#c7c7c7",
+                "compile": "#d62728"}
 COMPUTE = ("attention", "ffn")
 
 
@@ -48,8 +49,8 @@ def record_args(spec: LaunchSpec, steps: int, trace_path: str | Path) -> list[st
         raise ConsoleError("Traces show the AFD timeline: set an AFD size such as 1A1F or 2A2F (not monolithic).")
     n_prompts = max(2, 2 * spec.micro_batches * spec.topology.num_attention)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]
-    return ["generate", *spec.engine_args(), "--trace", str(trace_path), "--max-tokens", str(steps + 1), "--chat",
-            "--", *prompts]
+    return ["generate", *spec.engine_args(), "--trace", str(trace_path), "--max-tokens", str(steps + 1),
+            "--ignore-eos", "--chat", "--", *prompts]
 
 
 def record(spec: LaunchSpec, steps: int, trace_path: str | Path, timeout_s: float = 600.0) -> Path:
@@ -74,20 +75,38 @@ def record(spec: LaunchSpec, steps: int, trace_path: str | Path, timeout_s: floa
 
 def record_live(url: str, steps: int, trace_path: str | Path, api_key: str | None = None,
                 timeout_s: float = 60.0) -> Path:
-    """Records the next `steps` steps of the deployment serving `url`; chat requests drive them."""
+    """Records the next `steps` steps of the deployment serving `url`; streamed chat requests
+    drive them, and the recording is asked for once the first of them runs (the server answers
+    409 while nothing runs)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = {"steps": steps, "timeout": timeout_s}
-    load = {"messages": None, "max_tokens": steps + 4, "ignore_eos": True, "temperature": 0}
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
-        traced = pool.submit(httpx.post, f"{url}/debug/trace", json=body, headers=headers, timeout=timeout_s + 30)
-        time.sleep(0.2)  # the trace request is queued before the steps it should see
-        for prompt in PROMPTS:
-            pool.submit(httpx.post, f"{url}/v1/chat/completions", headers=headers, timeout=timeout_s,
-                        json={**load, "messages": [{"role": "user", "content": prompt}]})
-        try:
-            r = traced.result()
-        except httpx.HTTPError as e:
-            raise ConsoleError(f"Could not reach the deployment at {url}: {e}") from None
+    running, stop = threading.Event(), threading.Event()
+
+    def drive(prompt: str, max_tokens: int) -> None:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout_s) as r:
+            for _ in r.iter_lines():
+                running.set()
+                if stop.is_set():  # the recording is done: closing the stream aborts the request
+                    return
+
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]
+        max_tokens = max(1, min(steps + 16, models["max_model_len"] - 16))
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            load = [pool.submit(drive, prompt, max_tokens) for prompt in PROMPTS]
+            try:
+                while not running.wait(0.1):
+                    if all(f.done() for f in load):
+                        load[0].result()  # it failed: say why
+                        raise ConsoleError(f"The deployment at {url} ran none of the chat requests that drive the "
+                                           "recording.")
+                r = httpx.post(f"{url}/debug/trace", json={"steps": steps, "timeout": timeout_s}, headers=headers,
+                               timeout=timeout_s + 30)
+            finally:
+                stop.set()
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        raise ConsoleError(f"Could not reach the deployment at {url}: {e}") from None
     if r.status_code != 200:
         raise ConsoleError(f"The deployment refused to record ({r.status_code}): {r.text[:300]}")
     trace_path = Path(trace_path)
@@ -99,12 +118,13 @@ def record_live(url: str, steps: int, trace_path: str | Path, api_key: str | Non
 @dataclass(frozen=True)
 class Span:
     rank: str  # process name, e.g. "attention 0"
-    stage: str  # attention, send, wait, ffn
+    stage: str  # attention, send, wait, ffn; compile (a new shape compiling: no step of its own)
     layer: int
     micro_batch: int
-    step: int
+    step: int  # numbered 0..N-1 in the recording (-1 for compile spans)
     start_ms: float
     dur_ms: float
+    phase: str = "decode"  # or "prefill"
 
     @property
     def end_ms(self) -> float:
@@ -116,7 +136,8 @@ class Span:
 
 
 def load_spans(trace: dict | str | Path) -> list[Span]:
-    """The complete events of a merged Chrome trace, on one clock starting at 0 ms."""
+    """The complete events of a merged Chrome trace, on one clock starting at 0 ms, their steps
+    numbered 0..N-1 in the order they ran (the engine's own step counter goes on from start-up)."""
     if not isinstance(trace, dict):
         trace = json.loads(Path(trace).read_text())
     events = trace.get("traceEvents", [])
@@ -125,13 +146,20 @@ def load_spans(trace: dict | str | Path) -> list[Span]:
     if not complete:
         return []
     t0 = min(e["ts"] for e in complete)
+    numbered = {s: i for i, s in enumerate(sorted({int(e["args"]["step"]) for e in complete
+                                                   if "step" in e.get("args", {}) and e["name"] != "compile"}))}
     spans = []
     for e in complete:
         a = e.get("args", {})
+        step = -1 if e["name"] == "compile" or "step" not in a else numbered[int(a["step"])]
         spans.append(Span(rank=names.get(e["pid"], f"rank {e['pid']}"), stage=e["name"], layer=int(a.get("layer", 0)),
-                          micro_batch=int(a.get("micro_batch", 0)), step=int(a.get("step", 0)),
-                          start_ms=(e["ts"] - t0) / 1e3, dur_ms=e["dur"] / 1e3))
+                          micro_batch=int(a.get("micro_batch", 0)), step=step,
+                          start_ms=(e["ts"] - t0) / 1e3, dur_ms=e["dur"] / 1e3, phase=a.get("phase", "decode")))
     return sorted(spans, key=lambda s: s.start_ms)
+
+
+def step_count(spans: list[Span]) -> int:
+    return len({s.step for s in spans if s.step >= 0})
 
 
 def rank_order(spans: list[Span]) -> list[str]:
@@ -171,18 +199,28 @@ def _intersection(x: list[tuple[float, float]], y: list[tuple[float, float]]) ->
 
 
 def select_steps(spans: list[Span], first: int | None = None, last: int | None = None) -> list[Span]:
-    return [s for s in spans if (first is None or s.step >= first) and (last is None or s.step <= last)]
+    """The spans of steps first..last (numbered as load_spans does); compile spans only when
+    the range is the whole recording."""
+    if first is None and last is None:
+        return spans
+    return [s for s in spans if s.step >= 0 and (first is None or s.step >= first) and (last is None or s.step <= last)]
 
 
 def summary(spans: list[Span]) -> tuple[list[list], dict]:
-    """Rows [rank, stage, spans, total ms, mean ms, % of window] and overall metrics:
+    """Rows [rank, stage, spans, total ms, mean ms, % of window] and overall metrics over the
+    steps (compile spans are counted apart, in compile_ms, and are outside the window):
     window_ms, attention_ms and ffn_ms (time any rank of that side computes), overlap_ms (time
     both sides compute at once), overlap_efficiency = overlap_ms / min(attention_ms, ffn_ms)
     (1.0: the shorter side is fully hidden behind the other; 0 for strictly alternating
-    sides, as with one micro-batch), and busy[rank] = that rank's compute time / window."""
+    sides, as with one micro-batch), and busy[rank] = that rank's compute time / window.
+    Overlap is measured on the steps that ran with 2 or more micro-batches where there are any
+    (overlap_steps, micro_batches): one micro-batch cannot overlap."""
+    compile_ms = sum(s.dur_ms for s in spans if s.stage == "compile")
+    spans = [s for s in spans if s.step >= 0]
     if not spans:
         return [], {"window_ms": 0.0, "attention_ms": 0.0, "ffn_ms": 0.0, "overlap_ms": 0.0,
-                    "overlap_efficiency": 0.0, "busy": {}, "steps": 0}
+                    "overlap_efficiency": 0.0, "busy": {}, "steps": 0, "step_range": None, "overlap_steps": 0,
+                    "micro_batches": 0, "compile_ms": compile_ms}
     window = max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
     rows = []
     for rank in rank_order(spans):
@@ -192,25 +230,44 @@ def summary(spans: list[Span]) -> tuple[list[list], dict]:
                 total = sum(s.dur_ms for s in mine)
                 rows.append([rank, stage, len(mine), round(total, 3), round(total / len(mine), 3),
                              round(100 * total / window, 1) if window else 0.0])
-    side = {role: _union([(s.start_ms, s.end_ms) for s in spans if s.stage == role]) for role in COMPUTE}
+    steps = sorted({s.step for s in spans})
+    prefills = len({s.step for s in spans if s.phase == "prefill"})
+    m_of = {k: 1 + max(s.micro_batch for s in spans if s.step == k) for k in steps}
+    paired = [k for k in steps if m_of[k] >= 2] or steps
+    measured = [s for s in spans if s.step in paired]
+    side = {role: _union([(s.start_ms, s.end_ms) for s in measured if s.stage == role]) for role in COMPUTE}
     overlap = _length(_intersection(side["attention"], side["ffn"]))
     shorter = min(_length(side["attention"]), _length(side["ffn"]))
     busy = {rank: (_length(_union([(s.start_ms, s.end_ms) for s in spans if s.rank == rank and s.stage in COMPUTE]))
                    / window if window else 0.0) for rank in rank_order(spans)}
     metrics = {"window_ms": window, "attention_ms": _length(side["attention"]), "ffn_ms": _length(side["ffn"]),
                "overlap_ms": overlap, "overlap_efficiency": overlap / shorter if shorter else 0.0, "busy": busy,
-               "steps": len({s.step for s in spans})}
+               "steps": len(steps), "step_range": (steps[0], steps[-1]), "overlap_steps": len(paired),
+               "micro_batches": max(m_of[k] for k in paired), "compile_ms": compile_ms, "prefill_steps": prefills}
     return rows, metrics
 
 
-def summary_markdown(metrics: dict) -> str:
+def summary_markdown(metrics: dict, recorded_steps: int | None = None) -> str:
+    """recorded_steps: how many the whole recording has (the valid step range is 0..that - 1)."""
+    compiled = (f" Compiling new shapes took {metrics['compile_ms'] / 1e3:.1f} s, shown in red and left out of "
+                "every figure here." if metrics.get("compile_ms") else "")
+    valid = "" if recorded_steps is None else f" The recording has steps 0..{recorded_steps - 1}."
     if not metrics.get("steps"):
-        return "No spans in the trace."
+        return "No spans in the trace for these steps." + valid + compiled
     busy = ", ".join(f"{r} {100 * b:.0f}%" for r, b in metrics["busy"].items())
-    return (f"**{metrics['steps']} steps in {metrics['window_ms']:.1f} ms.** Attention computes "
+    first, last = metrics["step_range"]
+    m = metrics["micro_batches"]
+    if m >= 2:
+        why = (f"measured on the {metrics['overlap_steps']} of these steps that ran with {m} micro-batches: while one "
+               "micro-batch is in the FFN, the attention side computes the next")
+    else:
+        why = ("every step here ran with 1 micro-batch (a batch too small to split, or --micro-batches 1): the two "
+               "sides then take turns, so 0% is expected; a batch of 2 or more rows with --micro-batches 2 overlaps")
+    prefill = f", {metrics['prefill_steps']} of them prefill" if metrics.get("prefill_steps") else ""
+    return (f"**Steps {first}..{last} ({metrics['steps']}{prefill}) in {metrics['window_ms']:.1f} ms.** Attention computes "
             f"{metrics['attention_ms']:.1f} ms, FFN {metrics['ffn_ms']:.1f} ms; both at once {metrics['overlap_ms']:.1f} ms: "
             f"**overlap efficiency {100 * metrics['overlap_efficiency']:.0f}%** (of the shorter side hidden behind "
-            f"the other). Busy (compute / window): {busy}.")
+            f"the other; {why}). Busy (compute / window): {busy}.{valid}{compiled}")
 
 
 def figure(spans: list[Span], title: str = "AFD timeline"):
@@ -234,9 +291,18 @@ def figure(spans: list[Span], title: str = "AFD timeline"):
                 base=[s.start_ms - t0 for s in sel], name=f"{stage}{' (micro-batch 1, 3, …)' if odd else ''}",
                 legendgroup=stage, marker={"color": color, "line": {"width": 0.3, "color": "black"},
                                            "pattern": {"shape": "/" if odd else ""}},
-                hovertext=[f"{s.rank} · {stage} · layer {s.layer} · micro-batch {s.micro_batch} · step {s.step}"
-                           f"<br>{s.start_ms - t0:.3f} ms + {s.dur_ms:.3f} ms" for s in sel],
+                hovertext=[(f"{s.rank} · compiling a new shape" if stage == "compile" else
+                            f"{s.rank} · {stage} · layer {s.layer} · micro-batch {s.micro_batch} · step {s.step}")
+                           + f"<br>{s.start_ms - t0:.3f} ms + {s.dur_ms:.3f} ms" for s in sel],
                 hoverinfo="text"))
+    # Each step labeled where it starts, with a line across every rank.
+    for step in sorted({s.step for s in spans if s.step >= 0}):
+        mine = [s for s in spans if s.step == step]
+        x = min(s.start_ms for s in mine) - t0
+        fig.add_vline(x=x, line={"width": 1, "dash": "dot", "color": "#888"})
+        label = f"step {step}" + (" (prefill)" if mine[0].phase == "prefill" else "")
+        fig.add_annotation(x=x, y=1.0, yref="paper", text=label, showarrow=False, xanchor="left",
+                           yanchor="bottom", font={"size": 10})
     fig.update_layout(title=title, barmode="overlay", xaxis_title="ms", height=220 + 80 * len(ranks),
                       yaxis={"categoryorder": "array", "categoryarray": list(reversed(ranks))},
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.02},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -33,10 +34,18 @@ async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict | None]:
             yield json.loads(line[6:])
 
 
+def _dies_with_parent() -> None:
+    """die_with_parent's SIGTERM when the test dies, without its ignoring of SIGINT."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Proc:
     """One `python -m afd_compile.cli ...` child with its stdout/stderr in files."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 ctrl_c: bool = False):
+        """ctrl_c: the process takes SIGINT as from a terminal (die_with_parent ignores it)."""
         self.name = name
         self.argv = [sys.executable, "-m", "afd_compile.cli", *args]
         self.stdout_path = log_dir / f"{name}.stdout"
@@ -44,7 +53,8 @@ class Proc:
         full_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=full_env,
-                                         start_new_session=True, preexec_fn=die_with_parent)
+                                         start_new_session=True, preexec_fn=_dies_with_parent if ctrl_c else
+                                         die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -120,12 +130,14 @@ def start_monolithic(model_dir: Path, log_dir: Path, name: str = "mono", extra: 
 
 
 def start_launch(model_dir: Path, log_dir: Path, afd_size: str = "1A1F", name: str = "launch",
-                 extra: list[str] = ()) -> Deployment:
-    """`afd launch --afd-size ...`: one supervisor starting every rank; attention rank 0 serves on port."""
+                 extra: list[str] = (), ctrl_c: bool = False) -> Deployment:
+    """`afd launch --afd-size ...`: one supervisor starting every rank; attention rank 0 serves on
+    port. ctrl_c: the launcher takes SIGINT, as in a terminal."""
     port = free_port()
     args = ["launch", "--model", str(model_dir), "--afd-size", afd_size, "--enforce-eager", "--port", str(port), *extra]
     model = extra[extra.index("--served-model-name") + 1] if "--served-model-name" in extra else str(model_dir)
-    return Deployment(name, port, [Proc(name, args, log_dir, env={"MASTER_PORT": str(free_port())})], model)
+    return Deployment(name, port, [Proc(name, args, log_dir, env={"MASTER_PORT": str(free_port())}, ctrl_c=ctrl_c)],
+                      model)
 
 
 def start_afd_pair(model_dir: Path, log_dir: Path, name: str = "pair", extra: list[str] = (),

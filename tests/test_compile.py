@@ -77,9 +77,12 @@ def test_compiled_and_eager_give_the_same_greedy_tokens(compiled, tiny_greedy_ch
     assert alone == [c.token_ids for c in want]
 
 
-def test_each_shape_key_gets_its_own_graph_and_counts_once_compiled():
+def test_each_shape_key_gets_its_own_graph_and_counts_once_compiled(caplog):
     """CompiledPerShape (the decode steps' dispatcher): one graph per key, none again for a key's
-    later calls (fail_on_recompile), and a key whose first call failed is not counted compiled."""
+    later calls (fail_on_recompile), and a key whose first call failed is not counted compiled.
+    Each compile is one INFO line naming the shape and its seconds."""
+    import re
+
     from afd_compile.engine.model_runner import CompiledPerShape
 
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -87,13 +90,17 @@ def test_each_shape_key_gets_its_own_graph_and_counts_once_compiled():
             raise ValueError("no graph for 5 rows")
         return x * 2 + 1
 
-    steps = CompiledPerShape(step, "step", torch.device("cpu"))
+    steps = CompiledPerShape(step, "step", torch.device("cpu"), lambda key: f"test step ({key[0]} rows)")
     before = graphs()
     a, b = torch.arange(4.0), torch.arange(6.0)
-    assert torch.equal(steps((4,), a), a * 2 + 1) and torch.equal(steps((6,), b), b * 2 + 1)
-    assert graphs() - before == 2 and (4,) in steps and (6,) in steps
-    with torch.compiler.set_stance("fail_on_recompile"):
-        assert torch.equal(steps((4,), a + 1), a * 2 + 3)
+    with caplog.at_level("INFO", logger="afd.compile"):
+        assert torch.equal(steps((4,), a), a * 2 + 1) and torch.equal(steps((6,), b), b * 2 + 1)
+        assert graphs() - before == 2 and (4,) in steps and (6,) in steps
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(steps((4,), a + 1), a * 2 + 3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "afd.compile"]
+    assert [re.sub(r"[\d.]+ s$", "N s", line) for line in lines] == [
+        "compiled test step (4 rows) in N s", "compiled test step (6 rows) in N s"]
     with pytest.raises(Exception, match="no graph for 5 rows"):
         steps((5,), torch.arange(5.0))
     assert (5,) not in steps

@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -57,6 +58,7 @@ def test_console_launch_shows_validation_error_and_starts_nothing(tmp_path):
     message, table, *_ = c.launch(*form(model=str(tmp_path / "missing")).values())
     assert message.startswith("⚠️") and "does not exist" in message
     assert c.launcher.ranks == [] and table.empty
+    assert c.tick()[1] == message  # the status line keeps the error a while, then shows the state again
 
 
 # ---- command lines: argument lists, and the text to copy
@@ -89,10 +91,12 @@ def test_commands_text_quotes_paths(tmp_path):
     (model / "config.json").write_text("{}")
     spec = LaunchSpec.from_form(**form(model=str(model), afd_size="1A1F"))
     text = commands(spec, master_port=29555)
-    assert f"afd launch --model '{model}' --afd-size 1A1F" in text
+    assert f"afd launch --model '{model}' --afd-size 1A1F --micro-batches 2 --connector shm" in text
     assert "export MASTER_ADDR=127.0.0.1 MASTER_PORT=29555" in text
-    assert f"afd ffn --model '{model}' --afd-size 1A1F --micro-batches 2 --connector shm --enforce-eager --rank 0" \
+    # one rank per machine: shm joins ranks of one host only, so these use gloo
+    assert f"afd ffn --model '{model}' --afd-size 1A1F --micro-batches 2 --connector gloo --enforce-eager --rank 0" \
         in text
+    assert text.count("--connector shm") == 1
     assert "afd serve" in text and "--rank 0 --host 127.0.0.1 --port 8100" in text
 
 
@@ -207,12 +211,12 @@ def test_answer_stats():
 
 def test_launch_chat_stop_1a1f(tmp_path):
     """A real 1A1F deployment from the Launch handler: starting -> ready, a streamed answer with
-    its timing, then stopped."""
+    its timing, each rank's log at INFO, then stopped with INFO lines only."""
     c = Console(artifacts_dir=tmp_path)
     port = free_port()
-    message, table, cmds, url = c.launch(*form(afd_size="1A1F", port=port).values())
+    message, table, cmds, url, _ = c.launch(*form(afd_size="1A1F", port=port).values())
     try:
-        assert message.startswith("Started 1A1F"), message
+        assert message.startswith("1A1F starting"), message
         assert url == f"http://127.0.0.1:{port}" and "afd ffn" in cmds
         assert set(table["state"]) <= {"starting", "ready"}
         again, *_ = c.launch(*form(afd_size="1A1F", port=port).values())
@@ -222,26 +226,37 @@ def test_launch_chat_stop_1a1f(tmp_path):
         *_, (history, stats, _) = chat.respond("1 3 5 7 9", [], url, "", False, 0.0, 1.0, -1, 1.0, 32)
         assert history[-1]["content"].startswith("11 13 15 17 19"), history
         assert "time to first token" in stats and "tok/s" in stats
+        _, _, logs = c.tick("attention 0")
+        assert c.launcher.summary() == "**1A1F ready**: API at " + url + "/v1"
+        assert "POST /v1/chat/completions" in logs and "-----" not in logs  # the access line, one rank's log
+        assert "ffn rank 0 ready" in c.tick("ffn 0")[2]
     finally:
         c.stop()
     assert list(c.status_table()["state"]) == ["stopped", "stopped"]
+    for rank in c.launcher.ranks:  # a planned stop reads as one
+        log = "\n".join(rank.log)
+        assert " ERROR " not in log and "Traceback" not in log and "re-forming" not in log, log
 
 
 # ---- traces
 
 def _synthetic_trace() -> dict:
-    """attention computes [0,10) and [20,30) ms, FFN [5,15) and [30,40) ms: they overlap in [5,10)."""
-    def ev(pid, name, start_ms, dur_ms, layer, mb, step=1):
+    """attention computes [0,10) and [20,30) ms, FFN [5,15) and [30,40) ms: they overlap in [5,10).
+    Engine steps 41 and 42 (numbered 0 and 1 in the recording), each with 2 micro-batches, and a
+    compile span before them."""
+    def ev(pid, name, start_ms, dur_ms, layer, mb, step=41):
         return {"name": name, "cat": "x", "ph": "X", "pid": pid, "tid": 0, "ts": 1e9 + start_ms * 1e3,
                 "dur": dur_ms * 1e3, "args": {"layer": layer, "micro_batch": mb, "step": step}}
 
     return {"traceEvents": [
         {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "ffn 0"}},
         {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "attention 0"}},
-        ev(0, "attention", 0, 10, 0, 0), ev(0, "send", 10, 1, 0, 0), ev(0, "wait", 11, 9, 0, 0),
-        ev(0, "attention", 20, 10, 1, 1, step=2),
+        {"name": "compile", "cat": "compile", "ph": "X", "pid": 0, "tid": 0, "ts": 1e9 - 5e6, "dur": 4e6,
+         "args": {"shape": "attention decode step"}},
+        ev(0, "attention", 0, 10, 0, 0), ev(0, "send", 10, 1, 0, 1), ev(0, "wait", 11, 9, 0, 0),
+        ev(0, "attention", 20, 10, 1, 1, step=42),
         ev(1, "wait", 0, 5, 0, 0), ev(1, "ffn", 5, 10, 0, 0), ev(1, "send", 15, 2, 0, 0),
-        ev(1, "ffn", 30, 10, 1, 1, step=2),
+        ev(1, "ffn", 30, 10, 1, 1, step=42),
     ], "displayTimeUnit": "ms"}
 
 
@@ -250,25 +265,37 @@ def test_trace_summary_numbers(tmp_path):
     path.write_text(json.dumps(_synthetic_trace()))
     spans = traces.load_spans(path)
     assert traces.rank_order(spans) == ["attention 0", "ffn 0"]
-    assert spans[0].start_ms == 0.0
+    assert spans[0].start_ms == 0.0 and spans[0].stage == "compile" and spans[0].step == -1
+    assert traces.step_count(spans) == 2 and {s.step for s in spans} == {-1, 0, 1}
     rows, m = traces.summary(spans)
+    assert m["compile_ms"] == pytest.approx(4000.0)  # apart: not in the window, not attention
     assert m["window_ms"] == pytest.approx(40.0)
     assert m["attention_ms"] == pytest.approx(20.0) and m["ffn_ms"] == pytest.approx(20.0)
     assert m["overlap_ms"] == pytest.approx(5.0)
     assert m["overlap_efficiency"] == pytest.approx(0.25)
     assert m["busy"] == {"attention 0": pytest.approx(0.5), "ffn 0": pytest.approx(0.5)}
-    assert m["steps"] == 2
+    assert m["steps"] == 2 and m["step_range"] == (0, 1) and m["micro_batches"] == 2
     by = {(r[0], r[1]): r for r in rows}
     assert by["attention 0", "attention"][2:] == [2, 20.0, 10.0, 50.0]
     assert by["attention 0", "wait"][2:] == [1, 9.0, 9.0, 22.5]
     assert by["ffn 0", "send"][2:] == [1, 2.0, 2.0, 5.0]
-    assert "overlap efficiency 25%" in traces.summary_markdown(m)
+    md = traces.summary_markdown(m, 2)
+    assert "overlap efficiency 25%" in md and "2 micro-batches" in md and "steps 0..1" in md
+    assert "4.0 s" in md  # the compile, named apart
     # one step only
-    _, m1 = traces.summary(traces.select_steps(spans, 2, 2))
+    _, m1 = traces.summary(traces.select_steps(spans, 1, 1))
     assert m1["steps"] == 1 and m1["overlap_ms"] == 0.0 and m1["window_ms"] == pytest.approx(20.0)
+    assert "The recording has steps 0..1" in traces.summary_markdown(traces.summary(traces.select_steps(spans, 5, 6))[1], 2)
+    # one micro-batch: the two sides take turns, and the summary says why there is no overlap
+    single = [replace(s, micro_batch=0) for s in spans]
+    assert "1 micro-batch" in traces.summary_markdown(traces.summary(single)[1], 2)
+    # a mix: overlap measured on the steps with 2 micro-batches only
+    mixed = [replace(s, micro_batch=0) if s.step == 0 else s for s in spans]
+    assert traces.summary(mixed)[1]["overlap_steps"] == 1
     fig = traces.figure(spans)
     assert list(fig.layout.yaxis.categoryarray) == ["ffn 0", "attention 0"]  # attention drawn on top
     assert sum(len(bar.x) for bar in fig.data) == len(spans)
+    assert [a.text for a in fig.layout.annotations] == ["step 0", "step 1"]
     assert {bar.legendgroup for bar in fig.data} == {s.stage for s in spans}
     # through the Traces tab's handler
     c = Console(artifacts_dir=tmp_path)
@@ -346,3 +373,72 @@ def test_server_mounts_console_at_console_path(shipped_model, tmp_path):
         assert httpx.get(f"{server.url}/v1/models", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def test_bench_tab_shows_each_scenarios_own_options():
+    """The Bench tab shows a scenario's options only: exactly the flags bench_args sends for it."""
+    flag = {"batch_sizes": "--batch-sizes", "steps": "--steps", "repeats": "--repeats", "backends": "--backends",
+            "deployments": "--deployments", "rates": "--rates", "requests": "--requests"}
+    assert set(bench.OPTIONS) == set(bench.SCENARIOS)
+    for scenario in bench.SCENARIOS:
+        args = bench.bench_args(scenario)
+        assert {f for f in flag.values() if f in args} == {flag[o] for o in bench.OPTIONS[scenario]}, scenario
+
+
+class _CompilingServer(BaseHTTPRequestHandler):
+    """A chat stream of 4 chunks that stalls 1.6 s after the second while a shape compiles
+    (afd:compiles_running 1, and afd:compiled_graphs one more at its end, as dynamo counts);
+    0.1 s between the other chunks."""
+
+    graphs, running = 3.0, 0
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            body = json.dumps({"data": [{"id": "m"}]}).encode()
+        else:
+            body = f"afd:compiled_graphs {type(self).graphs}\nafd:compiles_running {type(self).running}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for i in range(4):
+            if i == 2:
+                type(self).running = 1
+                time.sleep(1.6)
+                type(self).graphs, type(self).running = type(self).graphs + 1, 0
+            else:
+                time.sleep(0.1)
+            chunk = {"choices": [{"index": 0, "delta": {"content": f"{i} "}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_chat_stats_show_a_compile_and_leave_it_out_of_tok_s():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CompilingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        seen = list((text, replace(stats)) for text, stats in
+                    chat.stream_answer(f"http://127.0.0.1:{server.server_address[1]}", [], chat.ChatParams()))
+    finally:
+        server.shutdown()
+    text, stats = seen[-1]
+    assert text == "0 1 2 3 "
+    assert any(s.compiling for _, s in seen) and not stats.compiling
+    assert "compiling a new shape" in next(s for _, s in seen if s.compiling).markdown()
+    assert 1.0 < stats.compile_s < 2.5 and stats.compile_before_first_s == 0.0
+    # 3 tokens after the first in ~0.2 s of decoding, not ~1.8 s
+    assert stats.tokens_per_s > 5
+    assert "without 1." in stats.markdown()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from afd_compile.config import EngineConfig
-from afd_compile.demo.tasks import held_out_set, is_held_out
+from afd_compile.demo.tasks import CONTINUATION, held_out_set, is_held_out
 from afd_compile.engine import LLMEngine, SamplingParams
 
 
@@ -31,13 +33,28 @@ def test_seed_request_continues_the_sequence(shipped_model):
     assert out.finish_reason == "stop"
 
 
-def test_held_out_sequences_exact(shipped_model):
+@pytest.mark.parametrize("fmt", ["chat", "raw"])
+def test_held_out_sequences_exact(shipped_model, fmt):
     """Oracle: the arithmetic itself. Greedy continuations of 200 sequences whose (start, step)
-    training never saw must be exactly right for at least 95% of them."""
+    training never saw must be exactly right for at least 95% of them, as a chat turn (the next
+    8 terms, then end-of-sequence) and as raw text (a /v1/completions prompt: the tokenizer's ids,
+    bos first; text goes on, so its first 8 tokens, or fewer where the sequence leaves 0..999)."""
     seqs = held_out_set(200)
     assert all(is_held_out(s.start, s.step) for s in seqs)
     engine = LLMEngine(EngineConfig(model=shipped_model, enforce_eager=True, max_num_seqs=64, max_model_len=64))
-    prompts = [engine.encode_chat([{"role": "user", "content": s.prompt}]) for s in seqs]
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
-    exact = sum(o.text.strip() == s.answer for o, s in zip(outs, seqs))
+    prompts = [engine.encode_chat([{"role": "user", "content": s.prompt}]) if fmt == "chat" else s.prompt
+               for s in seqs]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12 if fmt == "chat" else CONTINUATION))
+    exact = sum(o.text.strip() == s.answer and (o.finish_reason == "stop" or len(s.answer.split()) == CONTINUATION)
+                for o, s in zip(outs, seqs))
     assert exact >= 190, f"{exact}/200 exact"
+
+
+def test_raw_text_continues_the_sequence(shipped_model):
+    """`afd generate "2 4 6"` and /v1/completions with prompt "2 4 6" continue it (they printed
+    an empty line before the demo model was trained on raw text)."""
+    engine = LLMEngine(EngineConfig(model=shipped_model, enforce_eager=True, max_num_seqs=4))
+    (out,) = engine.generate(["2 4 6"], SamplingParams(temperature=0, max_tokens=16))
+    assert out.text.strip() == " ".join(str(n) for n in range(8, 40, 2))
+    (out,) = engine.generate(["990 993 996"], SamplingParams(temperature=0, max_tokens=16))
+    assert out.text.strip() == "999" and out.finish_reason == "stop"  # the sequence leaves 0..999

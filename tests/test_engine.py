@@ -109,7 +109,7 @@ def test_context_full_finishes_with_length(tiny_greedy_checkpoint, alone):
     c = engine.generate(["1 2 3"], SamplingParams(**GREEDY, max_tokens=100))[0]
     assert c.finish_reason == "length"
     assert len(c.prompt_token_ids) + len(c.token_ids) == 8
-    assert c.token_ids == alone["1 2 3"].token_ids[:5]
+    assert c.token_ids == alone["1 2 3"].token_ids[: 8 - len(c.prompt_token_ids)]
     assert_idle(engine)
 
 
@@ -144,7 +144,7 @@ def test_config_eos_token_id_stops_too(tiny_greedy_checkpoint, alone):
 
 def test_prompt_longer_than_context(tiny_greedy_checkpoint):
     engine = make_engine(tiny_greedy_checkpoint, max_model_len=8)
-    with pytest.raises(AfdError, match=r"\b11\b.*\b8\b"):
+    with pytest.raises(AfdError, match=r"\b12\b.*\b8\b"):  # 11 numbers and bos
         engine.add_request(" ".join(str(n) for n in range(11)))
     # Prompt plus one generated token must fit: 8 tokens in an 8-token context is too long.
     with pytest.raises(AfdError, match=r"\b8\b"):
@@ -157,6 +157,8 @@ def test_empty_prompt(engine):
         engine.add_request([])
     with pytest.raises(AfdError, match="empty"):
         engine.add_request("")
+    with pytest.raises(AfdError, match="empty"):  # bos alone: no token of its own
+        engine.add_request("  ")
     assert_idle(engine)
 
 
@@ -303,7 +305,7 @@ def test_cli_generate_reports_errors_in_one_line(tiny_greedy_checkpoint):
                 "1 2 3 4 5 6")
     assert r.returncode == 1
     assert r.stdout == ""
-    assert r.stderr.strip().splitlines()[-1].startswith("afd: error: the prompt has 6 tokens")
+    assert r.stderr.strip().splitlines()[-1].startswith("afd: error: the prompt has 7 tokens")  # bos first
 
 
 def test_cli_chat_two_turns_then_eof(tiny_greedy_checkpoint):
@@ -320,6 +322,26 @@ def test_cli_chat_two_turns_then_eof(tiny_greedy_checkpoint):
                 stdin="1 2 3\n4 5\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"> {replies[0]}\n> {replies[1]}\n> "
+
+
+def test_cli_chat_commands_and_single_turn(tiny_greedy_checkpoint, shipped_model):
+    """/help and an unknown command go to stderr, never to the model; /reset starts over; /exit
+    quits; --single-turn sends each message alone (the shipped model says so itself)."""
+    from afd_compile.model.loader import single_turn
+
+    engine = make_engine(tiny_greedy_checkpoint, max_num_seqs=1)
+    params = SamplingParams(**GREEDY, max_tokens=5)
+    alone = {t: engine.generate([engine.encode_chat([{"role": "user", "content": t}])], params)[0].text
+             for t in ("1 2 3", "4 5")}
+    r = run_cli("chat", "--model", str(tiny_greedy_checkpoint), "--enforce-eager", "--max-tokens", "5",
+                stdin="1 2 3\n/help\n/nope\n/reset\n4 5\n/exit\n7 8\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"> {alone['1 2 3']}\n> > > > {alone['4 5']}\n> "
+    assert "/reset" in r.stderr and "unknown command /nope" in r.stderr and "conversation cleared" in r.stderr
+    r = run_cli("chat", "--model", str(tiny_greedy_checkpoint), "--enforce-eager", "--max-tokens", "5",
+                "--single-turn", stdin="1 2 3\n4 5\n")
+    assert r.stdout == f"> {alone['1 2 3']}\n> {alone['4 5']}\n> "
+    assert single_turn(shipped_model) and not single_turn(tiny_greedy_checkpoint)
 
 
 def test_cli_chat_streaming_never_shows_text_past_a_stop_string(tiny_greedy_checkpoint):

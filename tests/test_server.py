@@ -17,9 +17,12 @@ import concurrent.futures
 import json
 import os
 import re
+import concurrent.futures
+import contextlib
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -389,6 +392,39 @@ def test_openai_models(api):
     assert httpx.get(f"{d.url}/v1/models", timeout=10).json()["data"][0]["max_model_len"] == CONTEXT
 
 
+def test_version_tokenize_detokenize(mono, tokenizer):
+    """vLLM's extras. Oracle: the tokenizer itself; /tokenize of messages is the chat prompt the
+    chat endpoint builds (its prompt_tokens), and /detokenize inverts /tokenize."""
+    from afd_compile import __version__
+
+    assert httpx.get(f"{mono.url}/version", timeout=10).json() == {"version": __version__}
+    r = post(mono, "/tokenize", {"prompt": "2 4 6"}).json()
+    assert r == {"count": 4, "max_model_len": CONTEXT, "tokens": tokenizer("2 4 6")["input_ids"]}
+    bare = post(mono, "/tokenize", {"prompt": "2 4 6", "add_special_tokens": False}).json()["tokens"]
+    assert bare == tokenizer("2 4 6", add_special_tokens=False)["input_ids"]
+    messages = post(mono, "/tokenize", {"messages": [{"role": "user", "content": ODD}]}).json()
+    assert messages["tokens"] == chat_ids(tokenizer, ODD)
+    assert messages["count"] == chat(mono, ODD, max_tokens=1).json()["usage"]["prompt_tokens"]
+    assert post(mono, "/detokenize", {"tokens": bare}).json() == {"prompt": "2 4 6"}
+    assert_error(post(mono, "/detokenize", {"tokens": [5, 10**6]}), 400, "tokens", contains=("1000000",))
+    assert_error(post(mono, "/tokenize", {"prompt": ODD, "model": "other"}), 404, "model")
+    assert_error(post(mono, "/tokenize", {"nothing": 1}), 400)
+
+
+def test_streamed_chat_names_the_role_in_the_first_delta_only(mono):
+    """As OpenAI and vLLM: role "assistant" in each choice's first delta, content alone after."""
+    r = post(mono, "/v1/chat/completions", {"messages": [{"role": "user", "content": ODD}], "max_tokens": 6,
+                                            "temperature": 0, "n": 2, "seed": 1, "stream": True})
+    deltas = {0: [], 1: []}
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {')]
+    for chunk in events:
+        for choice in chunk["choices"]:
+            deltas[choice["index"]].append(choice["delta"])
+    for ds in deltas.values():
+        assert ds[0]["role"] == "assistant"
+        assert all("role" not in d for d in ds[1:]), ds
+
+
 def test_openai_client_errors(api):
     """Oracle: the client maps our error schema onto its exception classes."""
     d, client = api
@@ -572,10 +608,11 @@ def test_prompt_longer_than_context_400(mono, tokenizer):
     for stream in (False, True):
         err = assert_error(chat(mono, content, stream=stream), 400, contains=(str(CONTEXT), str(n)))
         assert err["type"] == "invalid_request_error"
-    prompt = long_numbers(CONTEXT)
-    assert len(tokenizer(prompt)["input_ids"]) == CONTEXT
-    assert_error(post(mono, "/v1/completions", {"prompt": prompt, "max_tokens": 1}), 400,
+    prompt = long_numbers(CONTEXT - 1)
+    assert len(tokenizer(prompt)["input_ids"]) == CONTEXT  # bos first
+    assert_error(post(mono, "/v1/completions", {"prompt": prompt, "max_tokens": 1}), 400, "prompt",
                  contains=(str(CONTEXT),))
+    assert_error(chat(mono, content), 400, "messages")
 
 
 def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(mono):
@@ -845,6 +882,9 @@ def test_sigterm_lets_running_requests_finish(shipped_model, tmp_path):
         assert finish == ["length"]
         assert proc.wait(40) == 0
         assert not Path(f"/proc/{core}").exists() or "zombie" in Path(f"/proc/{core}/status").read_text()
+        log = server.server.stderr()
+        assert " ERROR " not in log and "Traceback" not in log, log[-3000:]  # a planned stop reads as one
+        assert "start-up: ready in" in log and "Application startup complete." in log
     finally:
         server.stop()
 
@@ -889,22 +929,40 @@ def test_a_dead_engine_core_is_a_503_not_a_hang(shipped_model, tmp_path):
         server.stop()
 
 
+@contextlib.contextmanager
+def running(d, n: int = 3, max_tokens: int = 64):
+    """n streamed chat requests running on d for the block (closed, so aborted, when it ends)."""
+    started, stop = threading.Event(), threading.Event()
+
+    def one() -> None:
+        body = {"messages": [{"role": "user", "content": ODD}], "max_tokens": max_tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{d.url}/v1/chat/completions", json=body, timeout=60) as r:
+            for _ in r.iter_lines():
+                started.set()
+                if stop.is_set():
+                    return
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        load = [pool.submit(one) for _ in range(n)]
+        try:
+            assert started.wait(30), [f.exception() for f in load if f.done()]
+            yield
+        finally:
+            stop.set()
+
+
 def test_live_trace_of_the_running_afd_deployment(afd, mono):
     """POST /debug/trace records the next steps of every rank while requests run; the answer is
-    Chrome trace JSON with attention and FFN spans of the same steps, per layer."""
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        traced = pool.submit(post, afd, "/debug/trace", {"steps": 3, "timeout": 30}, timeout=60)
-        for _ in range(3):
-            pool.submit(chat, afd, "1 3 5 7 9", max_tokens=12, ignore_eos=True, temperature=0)
-        r = traced.result()
+    Chrome trace JSON with attention and FFN spans of exactly the steps asked for, per layer."""
+    with running(afd):
+        r = post(afd, "/debug/trace", {"steps": 3, "timeout": 30}, timeout=60)
     assert r.status_code == 200, r.text
     spans = [e for e in r.json()["traceEvents"] if e["ph"] == "X"]
     by_rank = {(e["cat"], e["name"]) for e in spans}
     assert {("attention", "attention"), ("attention", "wait"), ("ffn", "ffn"), ("ffn", "wait")} <= by_rank
     steps = {e["args"]["step"] for e in spans}
-    assert 1 <= len(steps) <= 3
+    assert len({e["args"]["step"] for e in spans if e["args"]["phase"] == "decode"}) == 3
     assert {e["args"]["step"] for e in spans if e["cat"] == "ffn"} <= steps
     assert {e["args"]["layer"] for e in spans if e["name"] == "ffn"} == set(range(4))
     assert_error(post(mono, "/debug/trace", {"steps": 3}), 400, contains=("monolithic",))
@@ -912,17 +970,23 @@ def test_live_trace_of_the_running_afd_deployment(afd, mono):
 
 def test_overlapping_trace_calls_each_get_an_answer(afd):
     """A second POST /debug/trace while one records shares that recording: both answer."""
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+    with running(afd), concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, afd, "/debug/trace", {"steps": 4, "timeout": 20}, timeout=60)
-        time.sleep(0.2)
+        time.sleep(0.05)
         second = pool.submit(post, afd, "/debug/trace", {"steps": 2, "timeout": 20}, timeout=60)
-        for _ in range(3):
-            pool.submit(chat, afd, "1 3 5 7 9", max_tokens=12, ignore_eos=True, temperature=0)
         answers = [first.result(), second.result()]
     assert [r.status_code for r in answers] == [200, 200]
     assert all(any(e["ph"] == "X" for e in r.json()["traceEvents"]) for r in answers)
+
+
+def test_trace_with_nothing_running_is_409_at_once(afd):
+    """Nothing to record: a clear 409 at once, not an empty 200 after the timeout."""
+    wait_metric(afd, "afd:num_requests_running", 0)
+    start = time.monotonic()
+    err = assert_error(post(afd, "/debug/trace", {"steps": 3, "timeout": 30}, timeout=60), 409,
+                       contains=("no request is running",))
+    assert err["type"] == "conflict"
+    assert time.monotonic() - start < 5
 
 
 def test_no_decode_step_compiles_after_health_is_ready(tiny_greedy_checkpoint, tmp_path):

@@ -8,8 +8,9 @@
   - the server's RSS back within 10% of its level before the load (measured after a warm-up,
     so that one-time allocations of the first batches are not counted as growth).
 
-The default run is short (50 clients for 10 s); the full soak (200 clients for 60 s) is slow and
-writes its figures to the benchmark runs folder (benchmarks.report.RUNS_DIR). Both print their throughput.
+Both are slow (`pytest -m slow`): a short run (50 clients for 10 s) and the full soak (200
+clients for 60 s), which writes its figures to the benchmark runs folder
+(benchmarks.report.RUNS_DIR). Both print their throughput.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def soak(shipped_model, log_dir, clients: int, duration_s: float) -> dict:
     return result
 
 
+@pytest.mark.slow  # 33 s; the chaos and 200-client soaks are slow too
 @pytest.mark.timeout(600)
 def test_soak_50_streaming_clients_10s(shipped_model, tmp_path):
     """Oracle: the invariants of the module docstring, in a short run for the default suite."""

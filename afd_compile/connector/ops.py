@@ -44,14 +44,15 @@ class Endpoint:
         _ENDPOINTS[self.id] = self
         self.connector, self.tracer, self.compute = connector, tracer, compute
         self.plan: list[list[tuple[int, int]]] = []
-        self.step = 0
+        self.step, self.phase = 0, "decode"
         self.wait_observer = None  # (layer, seconds) of each receive, e.g. for /metrics
         self.error: BaseException | None = None  # a transfer's exception (see raise_error)
         self._mark = 0  # time_ns when the previous transfer ended: the next compute span starts here
 
-    def start(self, step: int, plan: list[list[tuple[int, int]]] | None = None) -> None:
-        """Call before a step's (or round's) first transfer."""
+    def start(self, step: int, plan: list[list[tuple[int, int]]] | None = None, decode: bool = True) -> None:
+        """Call before a step's (or round's) first transfer; decode: a decode step, else a prefill."""
         self.step, self.plan, self.error, self._mark = step, plan or [], None, time.time_ns()
+        self.phase = "decode" if decode else "prefill"
 
     def raise_error(self) -> None:
         """Re-raises a transfer's exception after a compiled graph failed: the graph reports only
@@ -95,7 +96,8 @@ class Endpoint:
     def _span(self, name: str, start: int, end: int, layer: int, micro_batch: int) -> None:
         self.tracer.events.append({"name": name, "cat": self.compute, "ph": "X", "pid": self.tracer.pid, "tid": 0,
                                    "ts": start / 1e3, "dur": (end - start) / 1e3,
-                                   "args": {"layer": layer, "micro_batch": micro_batch, "step": self.step}})
+                                   "args": {"layer": layer, "micro_batch": micro_batch, "step": self.step,
+                                            "phase": self.phase}})
 
     # ---- FFN side: a micro-batch is its peers' parts, in plan order
     def _gather(self, micro_batch: int) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 A user message is the first few terms of a sequence ("1 3 5 7 9"); the assistant answers with
 the next `CONTINUATION` terms ("11 13 15 17 19 21 23 25"), stopping early where the sequence
-would leave 0..MAX_NUMBER. Every number is one token, so the model learns successor arithmetic
-over its embeddings.
+would leave 0..MAX_NUMBER. As raw text, a sequence goes on to RAW_TERMS terms (or until it
+leaves the range). Every number is one token, so the model learns successor arithmetic over its
+embeddings.
 
 Held-out sequences are (start, step) pairs that training never sees; the accuracy test draws
 from them, so passing it means the model generalises rather than memorises.
@@ -18,6 +19,7 @@ MAX_NUMBER = 999
 CONTINUATION = 8
 MIN_SHOWN, MAX_SHOWN = 3, 8
 MAX_STEP = 20
+RAW_TERMS = 36  # a raw-text sequence in training: "2 4 6" and `afd generate`'s 32 tokens after it
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class NumberSequence:
         out = []
         for i in range(self.shown + CONTINUATION):
             value = self.start + i * self.step
+            if not 0 <= value <= MAX_NUMBER:
+                break
+            out.append(value)
+        return out
+
+    def raw_terms(self) -> list[int]:
+        """The sequence as raw text: up to RAW_TERMS terms, ending early where it leaves the range."""
+        values = (self.start + i * self.step for i in range(RAW_TERMS))
+        out = []
+        for value in values:
             if not 0 <= value <= MAX_NUMBER:
                 break
             out.append(value)

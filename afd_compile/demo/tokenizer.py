@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from afd_compile.demo.tasks import MAX_NUMBER
@@ -30,6 +30,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         vocab[str(n)] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk"]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # A raw-text prompt starts with bos as in training (Llama's tokenizers do the same); the chat
+    # template writes its own bos and is encoded without special tokens.
+    core.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos']} $A",
+                                                        special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
     # WordLevel has no spacing information: join words with one space when decoding.
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(

@@ -17,7 +17,7 @@ from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.scheduler import ScheduledBatch, Scheduler
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
-from afd_compile.model.loader import chat_prompt_ids, load_model, load_tokenizer
+from afd_compile.model.loader import chat_prompt_ids, load_model, load_tokenizer, prompt_ids
 
 log = logging.getLogger("afd.engine")
 
@@ -53,7 +53,7 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        ids = prompt_ids(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise AfdError("the prompt is empty")
         if len(ids) >= self.max_model_len:

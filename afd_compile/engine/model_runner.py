@@ -10,6 +10,8 @@ padded rows use the cache's scratch slot.
 from __future__ import annotations
 
 import builtins
+import logging
+import time
 import types
 
 import torch
@@ -19,6 +21,27 @@ import torch.utils._pytree as pytree
 from afd_compile.config import EngineConfig
 from afd_compile.engine.sequence import Sequence
 from afd_compile.model.decoder import DeepseekV2
+
+log = logging.getLogger("afd.compile")
+
+
+class Compiling:
+    """How many decode shapes this process compiles right now (/metrics' afd:compiles_running:
+    a client waiting for a token can tell a compile from a slow step)."""
+
+    running = 0
+
+    def __enter__(self):
+        Compiling.running += 1
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        Compiling.running -= 1
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def compile_options(device: torch.device, cuda_graphs: bool = False) -> dict:
@@ -160,8 +183,10 @@ class CompiledPerShape:
     copy of one trampoline under its own code object, so dynamo keeps one graph per key. Calls
     with a key's recorded arguments skip dynamo altogether (_Replay)."""
 
-    def __init__(self, fn, name: str, device: torch.device):
+    def __init__(self, fn, name: str, device: torch.device, describe=None):
+        """describe(key): the shape in words, for the log line each compile writes."""
         self.fn, self.name, self.device = fn, name, device
+        self.describe = describe or (lambda key: f"{name} {key}")
         self.compiled: dict[tuple, tuple[object, _Replay]] = {}
 
     def __contains__(self, key: tuple) -> bool:
@@ -181,7 +206,12 @@ class CompiledPerShape:
         call = replay.find(args)
         if call is not None:
             return replay(call)
-        out = compiled(*args)  # compiles on a key's first call
+        if key in self.compiled:
+            out = compiled(*args)
+        else:
+            with Compiling() as compiling:
+                out = compiled(*args)  # compiles on a key's first call
+            log.info("compiled %s in %.1f s", self.describe(key), compiling.seconds)
         replay.learn(args, out)
         self.compiled[key] = entry  # a key counts as compiled only once a call succeeded
         return out
@@ -204,7 +234,9 @@ class ModelRunner:
         if config.enforce_eager:
             self.decode_fn = model
         elif self.device.type == "cpu":
-            self.decode_steps = CompiledPerShape(decode_over_span(model), "decode", self.device)
+            self.decode_steps = CompiledPerShape(
+                decode_over_span(model), "decode", self.device,
+                lambda key: f"decode step (batch {key[0]}, context up to {max_model_len} dynamic)")
             self.spans = context_spans(max_model_len)
         else:
             allow_decode_recompiles(config, max_model_len)
@@ -257,8 +289,12 @@ class ModelRunner:
         if self.decode_steps is not None:  # one graph per batch bucket
             return self.decode_steps(key[:1], *inputs, self.spans[key[1]])[:n].cpu()
         args = (*inputs, key[1])
-        if self.config.enforce_eager or key not in self._compiled:
+        if self.config.enforce_eager:
             logits = self.decode_fn(*args)
+        elif key not in self._compiled:
+            with Compiling() as compiling:
+                logits = self.decode_fn(*args)
+            log.info("compiled decode step (batch %d, context %d) in %.1f s", *key, compiling.seconds)
             self._compiled.add(key)
         else:
             logits = call_warm(self.decode_fn, *args)

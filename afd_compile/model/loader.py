@@ -68,6 +68,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise AfdError(f"cannot load the tokenizer in {str(path)!r}: {e}") from None
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A text prompt's ids, with what the tokenizer adds (bos, on most); AfdError if it holds no
+    token of its own: "" or whitespace would otherwise be a prompt of bos alone."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    added = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # unknown text is still text
+    if all(i in added for i in ids):
+        raise AfdError("the prompt is empty")
+    return ids
+
+
+def single_turn(path: str | Path) -> bool:
+    """Whether the model was trained on single-turn chats only (`"afd_single_turn": true` in its
+    generation_config.json, as the shipped demo model says): chat front ends then send each
+    message without the earlier turns."""
+    try:
+        config = json.loads((_model_dir(path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("afd_single_turn") is True
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict], model: str | Path) -> list[int]:
     """The token ids of messages through the tokenizer's chat template, ending in the assistant's
     turn. Special-token text typed in a message (`<|assistant|>`) is encoded as text, not as the

@@ -81,7 +81,10 @@ class AFDModelRunner:
                                                   options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
         else:  # one graph per decode shape (micro-batch count, bucket), its context span dynamic
-            self.decode_step = CompiledPerShape(self._layers, "attention_step", self.device)
+            self.decode_step = CompiledPerShape(
+                self._layers, "attention_step", self.device,
+                lambda key: f"attention decode step ({key[0]} micro-batch{'es' if key[0] > 1 else ''} of {key[1]} rows, "
+                            f"context up to {max_model_len} dynamic)")
             self.spans = context_spans(max_model_len)
         # Per (micro-batch count, bucket): the host rows (token, position, cache slot) of every
         # micro-batch, rewritten in place each step, and the micro-batches viewing their device
@@ -191,8 +194,8 @@ class AFDModelRunner:
             links.send_step(next(requests, StepHeader(Kind.IDLE)))
             links.recv_ack()
 
-        with heartbeat(beat), self.endpoint.loopback(self.model.cfg.hidden_size,
-                                                     self.model.embed_tokens.weight.dtype, self.device):
+        with self.tracer.compile_span(shape=self.decode_step.describe(key)), heartbeat(beat), \
+                self.endpoint.loopback(self.model.cfg.hidden_size, self.model.embed_tokens.weight.dtype, self.device):
             self.decode_step(key, mbs, _attention_layer, span)
         for mb, slots in zip(mbs, saved):
             mb.write_slots.copy_(slots)
@@ -202,27 +205,29 @@ class AFDModelRunner:
         step = next(self.steps)
         self.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs),
                                             self._step_flags() | flags))
-        self.endpoint.start(step)
+        self.endpoint.start(step, decode=bool(flags & Flag.DECODE))
         try:
             logits = layers(mbs, attention)
         except Exception:
             self.endpoint.raise_error()  # a transfer failed inside the graph: its own error
             raise
         self.connector.flush()
-        self._step_traced()
+        self._step_traced(bool(flags & Flag.DECODE))
         return torch.cat([x[: mb.rows] for x, mb in zip(logits, mbs)]).cpu()
 
     # ---- live traces of the running deployment
     def record_trace(self, steps: int) -> None:
-        """Records the next `steps` steps on this rank and on the FFN ranks it reaches."""
+        """Records the next `steps` decode steps (and any prefill between them) on this rank and
+        on the FFN ranks it reaches."""
         self.tracer.events.clear()
         self.tracer.enabled, self.trace_remaining = True, steps
 
     def _step_flags(self) -> Flag:
         return Flag.TRACE if self.trace_remaining > 0 else Flag(0)
 
-    def _step_traced(self) -> None:
-        if self.trace_remaining > 0:
+    def _step_traced(self, decode: bool) -> None:
+        """A recording of N steps is N decode steps (and the prefills between them)."""
+        if self.trace_remaining > 0 and decode:
             self.trace_remaining -= 1
             self.tracer.enabled = self.always_trace or self.trace_remaining > 0
 

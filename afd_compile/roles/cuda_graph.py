@@ -37,7 +37,7 @@ class DecodeGraphs:
         self.runner.connector.send_step(StepHeader(Kind.STEP, step, tuple(mb.num_sent for mb in mbs),
                                                    self.runner._step_flags() | Flag.DECODE))
         graph.replay()  # host-side spans are not recorded inside a replay; the FFN side's are
-        self.runner._step_traced()
+        self.runner._step_traced(decode=True)
         return torch.cat([x[: mb.rows] for x, mb in zip(static_logits, mbs)]).cpu()
 
     def _capture(self, mbs):

@@ -86,7 +86,9 @@ class FFNWorker:
         # parallelism's all-to-alls stay eager, so only a rank holding every expert compiles.
         self.decode_round = None
         if compile_decode and world.topology.num_ffn == 1:
-            self.decode_round = CompiledPerShape(self._round, "ffn_round", self.device)
+            self.decode_round = CompiledPerShape(
+                self._round, "ffn_round", self.device,
+                lambda key: f"FFN decode round (micro-batch rows {', '.join(map(str, key))})")
 
     def _agree(self, m: int, trace: int, dump: int) -> tuple[int, int, int]:
         """The FFN ranks' common round: most micro-batches, and whether any peer asked for a
@@ -148,7 +150,7 @@ class FFNWorker:
         plan = [[(p, t[k]) for p, t in steps.items() if k < len(t) and t[k] > 0] for k in range(m)]
         rows = tuple(sum(n for _, n in parts) for parts in plan)
         if not (decode and self.decode_round is not None):
-            self.endpoint.start(step, plan)
+            self.endpoint.start(step, plan, decode)
             self._call(self._round, rows)
             return
         if rows not in self.decode_round:
@@ -168,7 +170,8 @@ class FFNWorker:
     def _compile(self, rows: tuple[int, ...]) -> None:
         """Compiles (and runs once) the decode round of these rows on loopback links."""
         self.endpoint.start(0, [[(0, n)] for n in rows])
-        with self.endpoint.loopback(self.hidden, self.dtype, self.device):
+        with self.tracer.compile_span(shape=self.decode_round.describe(rows)), \
+                self.endpoint.loopback(self.hidden, self.dtype, self.device):
             self.decode_round(rows, rows)
 
     def _call(self, round_fn, rows: tuple[int, ...]) -> None:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible REST API: /v1/chat/completions, /v1/completions, /v1/models,
-/health, /metrics. Errors use OpenAI's error schema."""
+/health, /metrics, and vLLM's /version, /tokenize, /detokenize. Errors use OpenAI's error schema."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from afd_compile.errors import AfdError
+from afd_compile import __version__
+from afd_compile.errors import AfdError, NothingToRecord
 from afd_compile.serve.engine_client import Delta, EngineClient
-from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse,
-                                        SamplingRequest, TraceRequest, Usage, new_id, now)
+from afd_compile.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorBody,
+                                        ErrorResponse, SamplingRequest, TokenizeChatRequest,
+                                        TokenizeCompletionRequest, TraceRequest, Usage, new_id, now)
 
 log = logging.getLogger("afd.serve")
 MAX_BODY_BYTES = 1 << 20
@@ -129,8 +131,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     async def on_api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.kind, exc.param)
 
-    def check_model(req: SamplingRequest) -> None:
-        if not engine.healthy:  # known down: say so now, not after a 200 has started a stream
+    def check_model(req, need_engine: bool = True) -> None:
+        if need_engine and not engine.healthy:  # known down: say so now, not after a 200 has started a stream
             raise APIError(503, f"the backend is unavailable: {engine.error}", "service_unavailable")
         if req.model is not None and req.model != served_model_name:
             raise APIError(404, f"the model `{req.model}` does not exist; this server serves `{served_model_name}`",
@@ -140,7 +142,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
         room = max_model_len - prompt_len
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
-                                f"has {prompt_len} tokens", param="messages")
+                                f"has {prompt_len} tokens",
+                           param="messages" if isinstance(req, ChatCompletionRequest) else "prompt")
         if requested is None:
             return room
         if requested > room:
@@ -257,12 +260,15 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
             return JSONResponse({"status": "degraded", "backend": backend, "message": engine.stalled}, status_code=503)
         return {"status": "ok", "backend": backend}
 
-    @app.post("/debug/trace", responses={400: {"model": ErrorResponse}})
+    @app.post("/debug/trace", responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
     async def trace(req: TraceRequest):
         """Records the next `steps` steps of every rank of this AFD deployment (while requests
-        run) and returns them merged, as Chrome trace JSON (open in Perfetto)."""
+        run; at most `timeout` s) and returns them merged, as Chrome trace JSON (open in
+        Perfetto). 409 when no request runs, or none ran within the timeout."""
         try:
             return await engine.record_trace(req.steps, req.timeout)
+        except NothingToRecord as e:
+            raise APIError(409, str(e), "conflict") from None
         except AfdError as e:
             raise APIError(400, str(e)) from None
 
@@ -274,6 +280,32 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
             return error_response(503, f"the engine's metrics are unavailable: {e or 'no answer'}",
                                   "service_unavailable")
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest):
+        """vLLM's /tokenize: the ids a prompt (or the chat prompt of messages) becomes."""
+        check_model(req, need_engine=False)
+        try:
+            if isinstance(req, TokenizeChatRequest):
+                ids = await engine.encode_chat([m.model_dump() for m in req.messages])
+            else:
+                ids = await engine.tokenize(req.prompt, req.add_special_tokens)
+        except AfdError as e:
+            raise APIError(400, str(e), param="messages" if isinstance(req, TokenizeChatRequest) else "prompt") from None
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req, need_engine=False)
+        bad = [t for t in req.tokens if not 0 <= t < len(tokenizer)]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary (0..{len(tokenizer) - 1})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.get("/v1/models")
     async def models():
@@ -293,8 +325,13 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
         streams = [engine.generate(prompt, params(req, n_max, logprobs, i)) for i in range(req.n)]
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            def chunk(i, d):
-                delta = {"role": "assistant", "content": d.text} if d.text or d.finish_reason is None else {}
+            opened: set[int] = set()
+
+            def chunk(i, d):  # as OpenAI: the role in each choice's first delta only
+                delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                if i not in opened:
+                    opened.add(i)
+                    delta = {"role": "assistant", "content": d.text}
                 choice = {"index": i, "delta": delta, "finish_reason": d.finish_reason}
                 if logprobs is not None:
                     choice["logprobs"] = chat_logprobs(with_ids(d))

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from afd_compile.engine.llm_engine import LLMEngine
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.sequence import Sequence
-from afd_compile.errors import AfdError
-from afd_compile.serve.metrics import Metrics
+from afd_compile.errors import AfdError, NothingToRecord
+from afd_compile.serve.metrics import Metrics, StatLogger
 
 log = logging.getLogger("afd.serve")
 
@@ -106,6 +106,7 @@ class AsyncEngine:
         # step's [(request_id, Delta)], one call a step instead of a wake-up per request.
         self.sink: Callable[[list[tuple[str, Delta]]], None] | None = None
         self.metrics = metrics or Metrics()
+        self.stat_logger = StatLogger()
         self.metrics.watch_kv_cache(lambda: len(engine.scheduler.free_slots), engine.config.max_num_seqs)
         self.commands: queue.Queue = queue.Queue()
         self.streams: dict[str, _Stream] = {}
@@ -113,8 +114,9 @@ class AsyncEngine:
         self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
         self._stopped = threading.Event()
         self._step_started: float | None = None  # while the loop is inside a step or an idle round
-        # The pending recording of record_trace: (deadline, the futures of every caller sharing it).
-        self._trace: tuple[float, list[asyncio.Future]] | None = None
+        # The pending recording of record_trace: (steps, timeout_s, deadline, the futures of every
+        # caller sharing it).
+        self._trace: tuple[int, float, float, list[asyncio.Future]] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -167,11 +169,12 @@ class AsyncEngine:
 
     async def record_trace(self, steps: int, timeout_s: float) -> dict:
         """Chrome trace of the next `steps` engine steps on every rank (AFD deployments only).
-        Steps happen only while requests run; after timeout_s what was recorded is returned."""
+        Steps happen only while requests run: with none running or queued, NothingToRecord at
+        once; after timeout_s what was recorded is returned, or NothingToRecord if no step ran."""
         if not hasattr(self.engine.runner, "record_trace"):
             raise AfdError("traces record the ranks of an AFD deployment; this server is monolithic")
         future = asyncio.get_running_loop().create_future()
-        self.commands.put(("trace", steps, time.monotonic() + timeout_s, future))
+        self.commands.put(("trace", steps, timeout_s, future))
         return await future
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -215,7 +218,11 @@ class AsyncEngine:
                 elif self.idle is not None and not self._stopped.is_set():
                     all_idle = self._timed(self.idle)
                     idle_wait = min(max(2 * idle_wait, IDLE_WAIT_S[0]), IDLE_WAIT_S[1]) if all_idle else 0.0
-                self.metrics.set_queue(len(self.engine.scheduler.running), len(self.engine.scheduler.waiting))
+                scheduler = self.engine.scheduler
+                self.metrics.set_queue(len(scheduler.running), len(scheduler.waiting))
+                slots = self.engine.config.max_num_seqs
+                self.stat_logger.step(len(scheduler.running), len(scheduler.waiting), slots - len(scheduler.free_slots),
+                                      slots)
                 self._finish_trace()
         except Exception as e:
             if self.reconnect is None:
@@ -247,7 +254,7 @@ class AsyncEngine:
         log.error("engine step failed (%s); re-forming the AFD world", failure)
         self._fail(self.engine.scheduler.running, failure)
         if self._trace is not None:
-            for future in self._trace[1]:
+            for future in self._trace[3]:
                 future.get_loop().call_soon_threadsafe(future.set_exception, RuntimeError(failure))
             self._trace = None
         while not self._stopped.is_set():
@@ -297,28 +304,37 @@ class AsyncEngine:
     def _finish_trace(self) -> None:
         if self._trace is None:
             return
-        deadline, futures = self._trace
+        steps, timeout_s, deadline, futures = self._trace
         runner = self.engine.runner
         if runner.trace_remaining > 0 and time.monotonic() < deadline:
             return
         self._trace = None
+        recorded = steps - runner.trace_remaining
         try:
             result = runner.collect_trace(timeout_s=10)
         except Exception as e:  # the futures must be answered; a dead link also ends the loop
             for future in futures:
                 future.get_loop().call_soon_threadsafe(future.set_exception, e)
             raise
+        if recorded == 0:
+            result = NothingToRecord(f"no engine step ran within the trace's timeout of {timeout_s:g} s")
         for future in futures:
-            future.get_loop().call_soon_threadsafe(future.set_result, result)
+            future.get_loop().call_soon_threadsafe(
+                future.set_exception if isinstance(result, Exception) else future.set_result, result)
 
     def _apply(self, command) -> None:
         if command[0] == "trace":
-            _, steps, deadline, future = command
+            _, steps, timeout_s, future = command
             if self._trace is not None:  # a recording is under way: this caller shares it
-                self._trace[1].append(future)
+                self._trace[3].append(future)
+                return
+            if not self.engine.scheduler.has_work():
+                future.get_loop().call_soon_threadsafe(future.set_exception, NothingToRecord(
+                    "no request is running, so there is no step to record: send requests, then ask for the trace "
+                    "while they run (it records the next steps that run, for up to `timeout` seconds)"))
                 return
             self.engine.runner.record_trace(steps)
-            self._trace = (deadline, [future])
+            self._trace = (steps, timeout_s, time.monotonic() + timeout_s, [future])
             return
         if command[0] == "add":
             _, request_id, prompt, params, target = command
@@ -351,7 +367,9 @@ class AsyncEngine:
             if stream.first_token_at is None:
                 stream.first_token_at = now
                 self.metrics.ttft.observe(now - stream.arrival)
+                self.stat_logger.prompt_tokens += len(seq.prompt_token_ids)
             self.metrics.generation_tokens.inc(len(seq.output_token_ids) - stream.sent_tokens)
+            self.stat_logger.generation_tokens += len(seq.output_token_ids) - stream.sent_tokens
             delta = _next_delta(stream)
             if seq.finished:
                 self.streams.pop(seq.request_id, None)

@@ -27,8 +27,8 @@ import zmq
 from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.engine.detokenizer import IncrementalDetokenizer, cut_at_stop, visible_text
 from afd_compile.engine.sampling_params import SamplingParams
-from afd_compile.errors import AfdError
-from afd_compile.model.loader import chat_prompt_ids, load_tokenizer
+from afd_compile.errors import AfdError, NothingToRecord
+from afd_compile.model.loader import chat_prompt_ids, load_tokenizer, prompt_ids
 from afd_compile.serve import engine_core
 from afd_compile.serve.async_engine import Delta as TokenDelta
 from afd_compile.serve import messages as m
@@ -100,9 +100,14 @@ class EngineClient:
     async def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, tokenized off the event loop (a long prompt would stall every
         stream and /health while it tokenizes); one longer than the context could hold is
-        refused before tokenizing."""
+        refused before tokenizing, one with no token of its own (empty) after."""
         self._check_length(len(text))
-        return await self._off_loop(lambda: self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return await self._off_loop(lambda: prompt_ids(self.tokenizer, text))
+
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """/tokenize: the ids as they are, empty or not."""
+        self._check_length(len(text))
+        return await self._off_loop(lambda: self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
         self._check_length(sum(len(str(msg.get("content") or "")) for msg in messages))
@@ -156,7 +161,7 @@ class EngineClient:
             raise AfdError("traces record the ranks of an AFD deployment; this server is monolithic")
         done: m.TraceDone = await self._ask(lambda i: m.StartTrace(i, steps, timeout_s), None)
         if done.error is not None:
-            raise (AfdError if done.bad_request else RuntimeError)(done.error)
+            raise {400: AfdError, 409: NothingToRecord}.get(done.status, RuntimeError)(done.error)
         return done.trace
 
     async def metrics_text(self) -> bytes:

@@ -21,13 +21,15 @@ import ctypes
 import logging
 import os
 import signal
+import time
 
 import torch
 import zmq
 import zmq.asyncio
 
+from afd_compile import compile_cache
 from afd_compile.config import AFDConfig, EngineConfig
-from afd_compile.errors import AfdError
+from afd_compile.errors import AfdError, NothingToRecord
 from afd_compile.serve import messages as m
 from afd_compile.serve.async_engine import AsyncEngine
 from afd_compile.serve.metrics import Metrics
@@ -59,6 +61,7 @@ def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: b
 
     def parts() -> dict:  # AsyncEngine's arguments, made on its engine thread
         reserve_cpus()
+        start = time.monotonic()
         if afd is None:
             from afd_compile.engine.llm_engine import LLMEngine
 
@@ -69,8 +72,12 @@ def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: b
             engine, tracer = attention_engine(engine_cfg, afd)
             rank = dict(idle=engine.runner.idle, on_exit=lambda: leave_attention(engine, tracer, afd),
                         reconnect=lambda: rejoin_attention(engine, afd))
+        loaded = time.monotonic()
+        log.info("start-up: model loaded%s in %.1f s", "" if afd is None else " and AFD world formed", loaded - start)
         if warmup:
             engine.warm_up()
+            log.info("start-up: every decode shape compiled in %.1f s (inductor cache %s)", time.monotonic() - loaded,
+                     os.environ.get(compile_cache.ENV, "inductor's default"))
         if afd is not None:  # after the warm-up: its waits are not the deployment's latency
             engine.runner.wait_observer = lambda layer, s: metrics.connector_latency.labels(str(layer)).observe(s)
         return dict(engine=engine, metrics=metrics, **rank)
@@ -167,7 +174,7 @@ class _Relay:
         try:
             result = await self.engine.record_trace(request.steps, request.timeout_s)
         except AfdError as e:
-            await self.send(m.TraceDone(request.ask_id, None, str(e), bad_request=True))
+            await self.send(m.TraceDone(request.ask_id, None, str(e), 409 if isinstance(e, NothingToRecord) else 400))
         except Exception as e:
             await self.send(m.TraceDone(request.ask_id, None, f"{type(e).__name__}: {e}"))
         else:

@@ -86,7 +86,7 @@ class TraceDone(_Message):
     ask_id: int
     trace: dict | None
     error: str | None
-    bad_request: bool = False
+    status: int = 503  # the HTTP status the API answers an error with: 400 bad request, 409 nothing to record
 
 
 class Metrics(_Message):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from torch._dynamo.utils import counters
 
+from afd_compile.engine.model_runner import Compiling
+
+log = logging.getLogger("afd.engine")
+STATS_INTERVAL_S = 10.0  # vLLM's LoggingStatLogger logs every 10 s too
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -39,6 +45,9 @@ class Metrics:
         self.compiled_graphs = Gauge("afd:compiled_graphs", "Graphs torch.compile built in the engine's process",
                                      registry=r)
         self.compiled_graphs.set_function(lambda: counters["stats"]["unique_graphs"])
+        self.compiles_running = Gauge("afd:compiles_running", "Decode shapes compiling in the engine's process now",
+                                      registry=r)
+        self.compiles_running.set_function(lambda: Compiling.running)
 
     def watch_kv_cache(self, free_slots: Callable[[], int], num_slots: int) -> None:
         """Counts free slots at scrape time: a leaked slot shows here even while the engine is idle."""
@@ -58,3 +67,25 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StatLogger:
+    """vLLM's periodic INFO line while the engine is busy: prompt and generation throughput since
+    the last line, running and waiting requests, KV cache use. Silent while idle."""
+
+    def __init__(self, interval_s: float = STATS_INTERVAL_S):
+        self.interval_s = interval_s
+        self.last = time.monotonic()
+        self.prompt_tokens = self.generation_tokens = 0
+
+    def step(self, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        if self.prompt_tokens or self.generation_tokens or running or waiting:
+            span = now - self.last
+            log.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+                     "Waiting: %d reqs, KV cache usage: %.1f%% (%d of %d slots)", self.prompt_tokens / span,
+                     self.generation_tokens / span, running, waiting, 100 * kv_used / max(kv_total, 1), kv_used,
+                     kv_total)
+        self.last, self.prompt_tokens, self.generation_tokens = now, 0, 0

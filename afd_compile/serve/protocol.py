@@ -96,6 +96,32 @@ class CompletionRequest(SamplingRequest):
         return prompt
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's /tokenize body for a text prompt."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    prompt: Text
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's /tokenize body for chat messages (the prompt the chat endpoint would build)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

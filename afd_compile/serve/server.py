@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
@@ -108,6 +109,7 @@ class _Server(uvicorn.Server):
 def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int, api_key: str | None,
           served_model_name: str | None, log_level: str, console: bool = False, warmup: bool = False,
           shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    started = time.monotonic()
     if afd is not None and afd.rank:
         port += afd.rank  # attention rank i serves on port + i
     check_port_free(host, port)
@@ -123,7 +125,8 @@ def serve(engine_cfg: EngineConfig, afd: AFDConfig | None, host: str, port: int,
         from console.app import build_app as build_console
 
         app = gr.mount_gradio_app(app, build_console(), path="/console")
-    log.info("serving %s (%s) on http://%s:%d", Path(str(engine_cfg.model)).name, engine.backend, host, port)
+    log.info("start-up: ready in %.1f s, serving %s (%s) on http://%s:%d", time.monotonic() - started,
+             Path(str(engine_cfg.model)).name, engine.backend, host, port)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler that was there
     # before: make that handler a normal exit so the engine (and the AFD links) close below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
