@@ -86,7 +86,7 @@ def test_ctrl_c_on_launch_lets_every_stream_finish_then_stops_ffn_after_attentio
         for t in threads:
             t.join(90)
         assert [(r["finish"], r["done"], r["error"]) for r in results] == [("length", True, None)] * 4
-        assert d.server.proc.wait(90) == 0
+        assert d.server.proc.wait(150) == 0  # attention 45 s, FFN 45 s at most: a kill shows in the log below
         log = d.server.stderr()
         assert "killing it" not in log and "exited with code" not in log, d.server.tail(60)
         _assert_no_traceback(d.server)
