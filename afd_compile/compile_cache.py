@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
 from afd_compile.config import cache_dir
 
 log = logging.getLogger("afd.compile")
@@ -33,7 +35,12 @@ def _writable(path: Path) -> str | None:
 def use_compile_cache() -> Path | None:
     """Points inductor's caches at the stated directory; returns it, or None when it is not
     writable (one warning line; inductor then uses a fresh temporary directory)."""
-    path = Path(os.environ.get(ENV) or cache_dir("inductor"))
+    given = os.environ.get(ENV)
+    # Importing torch._inductor writes its default (/tmp/torchinductor_USER) into the environment:
+    # that one is not the user's choice, and a reboot empties it.
+    if given and os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+        given = None
+    path = Path(given or cache_dir("inductor"))
     why = _writable(path)
     if why is None:
         os.environ[ENV] = str(path)
