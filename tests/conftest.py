@@ -11,6 +11,14 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+def pytest_configure(config):
+    """In-process compiles use the CLI's cache directory too, so the servers the tests start
+    find the graphs the tests compiled (and the other way round), as one user's runs would."""
+    from afd_compile.compile_cache import use_compile_cache
+
+    use_compile_cache()
+
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "afd-demo-moe"
 
 TINY_BASE = dict(
