@@ -148,7 +148,6 @@ def _engine(args):
 
 
 def cmd_generate(args) -> None:
-    _apply_additional_config(args)
     params = _sampling_params(args)
     if args.afd_size is not None:
         if args.role is None:
@@ -221,7 +220,6 @@ def cmd_chat(args) -> None:
 
 
 def cmd_ffn(args) -> None:
-    _apply_additional_config(args)
     if args.afd_size is None:
         raise AfdError("afd ffn needs --afd-size xAyF (or --additional-config '{\"afd_size\": \"2A2F\"}')")
     if getattr(args, "role", None) not in (None, "ffn"):
@@ -265,10 +263,7 @@ def _check_server_args(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    _apply_additional_config(args)
     _check_server_args(args)
-    if args.model_tag:
-        args.model = args.model_tag
     from afd_compile.serve.server import serve
 
     if args.afd_size is None:
@@ -285,10 +280,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_launch(args) -> None:
-    _apply_additional_config(args)
     _check_server_args(args)
-    if args.model_tag:
-        args.model = args.model_tag
     if args.afd_size is None:
         raise AfdError("afd launch needs --afd-size xAyF")
     _supervise(args, roles=("ffn", "attention"))
@@ -478,7 +470,8 @@ def normalize_flags(argv: list[str]) -> list[str]:
 
 def _check_early(args) -> None:
     """What can be checked without the model, checked before anything loads or starts: the
-    engine's options, the model directory, the ports to serve on."""
+    engine's options (--additional-config applied, `afd serve DIR` taken as --model), the model
+    directory, the ports to serve on."""
     from afd_compile.model.loader import DEFAULT_MODEL, load_config
 
     if hasattr(args, "model") and hasattr(args, "dtype"):
