@@ -27,8 +27,7 @@ class Tracer:
         try:
             yield
         finally:
-            self.events.append({"name": name, "cat": cat, "ph": "X", "pid": self.pid, "tid": 0,
-                                "ts": start / 1e3, "dur": (time.time_ns() - start) / 1e3, "args": args})
+            self._complete(name, cat, start, args)
 
     @contextmanager
     def compile_span(self, **args):
@@ -42,8 +41,12 @@ class Tracer:
         finally:
             self.enabled = recording
             if recording:
-                self.events.append({"name": "compile", "cat": "compile", "ph": "X", "pid": self.pid, "tid": 0,
-                                    "ts": start / 1e3, "dur": (time.time_ns() - start) / 1e3, "args": args})
+                self._complete("compile", "compile", start, args)
+
+    def _complete(self, name: str, cat: str, start_ns: int, args: dict) -> None:
+        """A complete event ("ph": "X") from start_ns to now."""
+        self.events.append({"name": name, "cat": cat, "ph": "X", "pid": self.pid, "tid": 0, "ts": start_ns / 1e3,
+                            "dur": (time.time_ns() - start_ns) / 1e3, "args": args})
 
     def to_json(self) -> dict:
         meta = {"name": "process_name", "ph": "M", "pid": self.pid, "args": {"name": self.process_name}}
