@@ -82,17 +82,25 @@ def record_live(url: str, steps: int, trace_path: str | Path, api_key: str | Non
     running, stop = threading.Event(), threading.Event()
 
     def drive(prompt: str, max_tokens: int) -> None:
+        # Request after request until the recording is done: a request that ended before the
+        # server took the trace command would leave nothing running to record (a 409).
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": True,
                 "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout_s) as r:
-            for _ in r.iter_lines():
-                running.set()
-                if stop.is_set():  # the recording is done: closing the stream aborts the request
-                    return
+        while not stop.is_set():
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
+                              timeout=timeout_s) as r:
+                if r.status_code != 200:
+                    raise ConsoleError(f"The deployment refused a chat request ({r.status_code}): "
+                                       f"{r.read().decode(errors='replace')[:300]}")
+                for _ in r.iter_lines():
+                    running.set()
+                    if stop.is_set():  # closing the stream aborts the request
+                        return
 
     try:
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]
-        max_tokens = max(1, min(steps + 16, models["max_model_len"] - 16))
+        # as long as the context allows (the prompts and chat template take well under 64 tokens)
+        max_tokens = max(1, models["max_model_len"] - 64)
         with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
             load = [pool.submit(drive, prompt, max_tokens) for prompt in PROMPTS]
             try:

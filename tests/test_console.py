@@ -260,6 +260,67 @@ def _synthetic_trace() -> dict:
     ], "displayTimeUnit": "ms"}
 
 
+class _BusyServer(BaseHTTPRequestHandler):
+    """A deployment whose /debug/trace, as the real one, records only while a request runs and
+    is answered late (a loaded machine): chat requests stream one token a millisecond."""
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+    active = 0
+    lock = threading.Lock()
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._reply(200, {"data": [{"id": "m", "max_model_len": 512}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/debug/trace":
+            time.sleep(0.3)
+            with self.lock:
+                running = self.active > 0
+            self._reply(200, _synthetic_trace()) if running else self._reply(409, {"error": "nothing runs"})
+            return
+        self.send_response(200)
+        self.end_headers()
+        with self.lock:
+            type(self).active += 1
+        try:
+            for _ in range(body["max_tokens"]):
+                self.wfile.write(b'data: {"choices": []}\n\n')
+                self.wfile.flush()
+                time.sleep(0.001)
+        except OSError:  # the client closed the stream: the request is aborted
+            pass
+        finally:
+            with self.lock:
+                type(self).active -= 1
+
+    def log_message(self, *args):
+        pass
+
+
+def test_record_live_keeps_requests_running_until_the_trace_is_taken(tmp_path):
+    """The trace request reaches the server after short requests would have ended: the driving
+    requests go on until the recording is done (a 409 from a finished load failed CI once)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BusyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = traces.record_live(f"http://127.0.0.1:{server.server_address[1]}", 3, tmp_path / "t.json",
+                                  timeout_s=10)
+        assert traces.step_count(traces.load_spans(path)) == 2
+        deadline = time.monotonic() + 5
+        while _BusyServer.active:  # every driving request was closed
+            assert time.monotonic() < deadline, _BusyServer.active
+            time.sleep(0.05)
+    finally:
+        server.shutdown()
+
+
 def test_trace_summary_numbers(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps(_synthetic_trace()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,7 +164,9 @@ def test_console_in_browser(console_url, artifacts):
             page.get_by_role("tab", name="Traces").click()
             page.locator("#trace-steps input").fill("3")
             page.locator("#record-btn").click()
-            page.locator("#trace-message").get_by_text("Recorded", exact=False).wait_for(timeout=120_000)
+            message = page.locator("#trace-message")
+            message.get_by_text(re.compile("Recorded|⚠️")).wait_for(timeout=120_000)
+            assert "Recorded" in message.inner_text(), message.inner_text()
             # The rendered plotly figure with its bars, not the empty plot's placeholder icon.
             page.locator("#timeline .js-plotly-plot .barlayer path").first.wait_for(timeout=30_000)
             page.wait_for_timeout(500)
