@@ -11,7 +11,7 @@ from afd_compile.config import EngineConfig
 from afd_compile.connector.base import ConnectorError, Kind, StepHeader
 from afd_compile.connector.ops import Endpoint, Loopback
 from afd_compile.engine import SamplingParams
-from afd_compile.engine.model_runner import compile_options
+from afd_compile.compilation import compile_options
 from afd_compile.engine.sequence import Sequence
 from afd_compile.model.loader import load_model
 from afd_compile.roles.attention import AFDModelRunner

@@ -9,9 +9,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+from afd_compile.compilation import allow_decode_recompiles, context_buckets
 from afd_compile.config import EngineConfig
 from afd_compile.engine.detokenizer import IncrementalDetokenizer, cut_at_stop
-from afd_compile.engine.model_runner import ModelRunner, context_buckets
+from afd_compile.engine.model_runner import ModelRunner
 from afd_compile.engine.sampler import Sampler
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.scheduler import ScheduledBatch, Scheduler
@@ -40,6 +41,8 @@ class LLMEngine:
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self.model = model or load_model(config.model, dtype=config.torch_dtype, device=config.device)
         self.max_model_len = config.resolve_max_model_len(self.model.cfg)
+        if not config.enforce_eager:
+            allow_decode_recompiles(config.batch_buckets, self.max_model_len)
         self.runner = (runner_factory or (lambda m, n: ModelRunner(m, config, n)))(self.model, self.max_model_len)
         eos = self.model.cfg.eos_token_id
         eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}

@@ -3,8 +3,8 @@
 Preallocated to [slots + 1, max_seq + 1, ...] and written in place (as in gpt-fast). The extra
 last slot is scratch: padded rows of a batch bucket read and write there and never touch a live
 request's cache. The extra position is never written: it keeps every read a strict prefix, so a
-decode graph compiled for a dynamic context span (model_runner) holds for every span up to
-max_seq instead of needing its own graph for the whole-cache read.
+decode graph compiled for a dynamic context span (compilation.context_spans) holds for every
+span up to max_seq instead of needing its own graph for the whole-cache read.
 """
 
 from __future__ import annotations

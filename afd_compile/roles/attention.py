@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from afd_compile.compilation import CompiledPerShape, CpuGpuBuffer, compile_options, context_bucket, context_spans
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
-from afd_compile.engine.model_runner import (CompiledPerShape, allow_decode_recompiles, compile_options,
-                                              context_bucket, context_spans)
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
@@ -75,8 +74,8 @@ class AFDModelRunner:
             from afd_compile.roles.cuda_graph import DecodeGraphs
 
             # One attention graph per micro-batch bucket and context bucket, shared by all layers
-            # (their weights are graph inputs), inside a CUDA graph of the whole step.
-            allow_decode_recompiles(config, max_model_len)
+            # (their weights are graph inputs), inside a CUDA graph of the whole step; guarded (the
+            # engine raised dynamo's recompile limit for the bucket pairs).
             self.decode_attention = torch.compile(_attention_layer, dynamic=False, fullgraph=True,
                                                   options=compile_options(self.device))
             self.decode_graphs = DecodeGraphs(self, self.decode_attention)
@@ -86,10 +85,10 @@ class AFDModelRunner:
                 lambda key: f"attention decode step ({key[0]} micro-batch{'es' if key[0] > 1 else ''} of {key[1]} rows, "
                             f"context up to {max_model_len} dynamic)")
             self.spans = context_spans(max_model_len)
-        # Per (micro-batch count, bucket): the host rows (token, position, cache slot) of every
+        # Per (micro-batch count, bucket): the rows (token, position, cache slot) of every
         # micro-batch, rewritten in place each step, and the micro-batches viewing their device
         # copy: each shape's compiled step is always given the same tensors.
-        self._decode_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[MicroBatch]]] = {}
+        self._decode_inputs: dict[tuple[int, int], tuple[CpuGpuBuffer, list[MicroBatch]]] = {}
         self.steps = itertools.count()
         self.world = world  # rendezvous store and topology, for collecting the FFN ranks' timelines
         self.always_trace = self.tracer.enabled  # started with --trace: record every step
@@ -133,14 +132,13 @@ class AFDModelRunner:
         size = self.config.bucket(math.ceil(len(seqs) / self.micro_batches))
         m = math.ceil(len(seqs) / size)
         if (m, size) not in self._decode_inputs:
-            host = torch.zeros(m, 3, size, dtype=torch.long)
-            dev = host.to(self.device)
+            buf = CpuGpuBuffer(m, 3, size, device=self.device)
             zeros = torch.zeros(size, dtype=torch.long, device=self.device)
             mbs = [MicroBatch(r[0].view(size, 1), r[1].view(size, 1), r[2].view(size, 1), r[2], zeros,
-                              n_ctx=self.max_model_len, rows=0, sent=None) for r in dev]
-            self._decode_inputs[m, size] = host, dev, mbs
-        host, dev, mbs = self._decode_inputs[m, size]
-        staged = host.numpy()  # plain stores, no torch op per field
+                              n_ctx=self.max_model_len, rows=0, sent=None) for r in buf.gpu]
+            self._decode_inputs[m, size] = buf, mbs
+        buf, mbs = self._decode_inputs[m, size]
+        staged = buf.np
         staged[:, 2] = self.scratch
         staged[:, :2] = 0
         n_ctx = context_bucket(max(len(s) for s in seqs), self.max_model_len)
@@ -151,8 +149,7 @@ class AFDModelRunner:
             staged[k, 0, :n] = [s.last_token_id for s in part]
             staged[k, 1, :n] = [len(s) - 1 for s in part]
             staged[k, 2, :n] = [s.slot for s in part]
-        if dev is not host:
-            dev.copy_(host)
+        buf.copy_to_gpu()
         return mbs
 
     @torch.inference_mode()
@@ -252,7 +249,7 @@ class AFDModelRunner:
         host syncs and Python side effects, so it compiles into one graph (CPU) or is captured
         in one CUDA graph: the transfers are ops, each taking the previous one's result (`link`)
         so they keep this order. span: the context span as a tensor's length, when compiled
-        (model_runner.context_spans), else each micro-batch's n_ctx."""
+        (compilation.context_spans), else each micro-batch's n_ctx."""
         model, ep = self.model, self.endpoint.id
         inps = [model.attention_inputs(mb.positions, mb.write_slots, mb.read_slots,
                                        mb.n_ctx if span is None else span.shape[0]) for mb in mbs]

@@ -19,9 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from afd_compile.compilation import CompiledPerShape
 from afd_compile.connector.base import AFDConnector, Flag, Kind, heartbeat
 from afd_compile.connector.ops import Endpoint
-from afd_compile.engine.model_runner import CompiledPerShape
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.roles.rendezvous import World
 from afd_compile.trace import Tracer

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from torch._dynamo.utils import counters
 
-from afd_compile.engine.model_runner import Compiling
+from afd_compile.compilation import Compiling
 
 log = logging.getLogger("afd.engine")
 STATS_INTERVAL_S = 10.0  # vLLM's LoggingStatLogger logs every 10 s too
