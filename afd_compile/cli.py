@@ -472,7 +472,8 @@ def _check_early(args) -> None:
     """What can be checked without the model, checked before anything loads or starts: the
     engine's options (--additional-config applied, `afd serve DIR` taken as --model), the model
     directory, the ports to serve on."""
-    from afd_compile.model.loader import DEFAULT_MODEL, load_config
+    from afd_compile.config import DEFAULT_MODEL
+    from afd_compile.model.loader import load_config
 
     if hasattr(args, "model") and hasattr(args, "dtype"):
         _apply_additional_config(args)

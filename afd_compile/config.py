@@ -1,4 +1,6 @@
-"""One config object, built once from the CLI (or API) and passed everywhere."""
+"""One config object, built once from the CLI (or API) and passed everywhere, and the names and
+limits every layer checks against. The ground floor: imports torch and topology, nothing that
+loads models, opens connectors or joins process groups."""
 
 from __future__ import annotations
 
@@ -9,8 +11,13 @@ from pathlib import Path
 import torch
 
 from afd_compile.errors import AfdError
-from afd_compile.model.loader import DEFAULT_MODEL
+from afd_compile.topology import Topology, parse_role
 
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "afd-demo-moe"
+CONNECTORS = ("gloo", "shm", "nccl")
+EP_DISPATCH = ("sort", "deepspeed")  # FFN expert parallelism: moe_kernels' sort-based all-to-all, or DeepSpeed-MoE
+# The connector's step header carries one row count per micro-batch in a fixed-size frame.
+MAX_MICRO_BATCHES = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # The KV cache is static, [max_num_seqs, max_model_len, ...] per layer: cap the default so a
@@ -23,6 +30,18 @@ def cache_dir(*parts: str) -> Path:
     checkout: $AFD_CACHE_DIR, else $XDG_CACHE_HOME/afd-compile, else ~/.cache/afd-compile."""
     root = os.environ.get("AFD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "afd-compile"
     return Path(root, *parts)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A Hugging Face model directory (one with a config.json), checked before anything loads."""
+    if not str(path).strip():
+        raise AfdError("model directory is empty: give the path of a Hugging Face model directory")
+    resolved = Path(path).expanduser()
+    if not resolved.is_dir():
+        raise AfdError(f"model directory {str(path)!r} does not exist (or is not a directory)")
+    if not (resolved / "config.json").is_file():
+        raise AfdError(f"model directory {str(path)!r} has no config.json: it is not a Hugging Face model directory")
+    return resolved
 
 
 def resolve_device(device: str) -> str:
@@ -98,20 +117,15 @@ class AFDConfig:
     connector_delay_us: float = 0.0  # injected per-message link delay (connector/delay.py), same host only
 
     def __post_init__(self):
-        from afd_compile.model.ffn_half import EP_DISPATCH
-        from afd_compile.topology import Topology, parse_role
-
         self.topology = Topology.parse(self.afd_size)
         self.role = parse_role(self.role)
         self.topology.global_rank(self.role, self.rank)  # validates the rank
-        if self.micro_batches < 1:
-            raise AfdError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if not 1 <= self.micro_batches <= MAX_MICRO_BATCHES:
+            raise AfdError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {self.micro_batches}")
         if self.timeout_s <= 0:
             raise AfdError(f"timeout must be positive, got {self.timeout_s}")
-        from afd_compile.connector import BACKENDS
-
-        if self.connector not in BACKENDS:
-            raise AfdError(f"connector {self.connector!r} is not one of {', '.join(BACKENDS)}")
+        if self.connector not in CONNECTORS:
+            raise AfdError(f"connector {self.connector!r} is not one of {', '.join(CONNECTORS)}")
         if self.connector_delay_us < 0:
             raise AfdError(f"connector delay must be >= 0 us, got {self.connector_delay_us}")
         if self.connector_delay_us and self.connector == "nccl":

@@ -19,11 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from afd_compile.model.loader import DEFAULT_MODEL
+from afd_compile.config import CONNECTORS, DEFAULT_MODEL
 from benchmarks.report import RESULTS_DIR, RUNS_DIR
 from console import bench, chat, traces
 from console.launcher import Launcher, LaunchSpec, commands
-from console.validate import CONNECTORS, ConsoleError
+from console.validate import ConsoleError
 
 STATUS_HEADERS = ["rank", "pid", "state", "uptime s", "endpoint"]
 ALL_RANKS = "all ranks"

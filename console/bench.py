@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.monolithic import BACKENDS
 from benchmarks.report import RESULTS_DIR, RUNS_DIR
 from console import validate
 from console.launcher import spawn
@@ -27,7 +28,6 @@ SCENARIOS = ("monolithic", "connector", "serve", "moe", "afd")
 # The Bench tab's options each scenario takes (what bench_args sends for it).
 OPTIONS = {"monolithic": ("batch_sizes", "steps", "repeats", "backends"), "connector": (),
            "serve": ("deployments", "rates", "requests"), "moe": ("repeats",), "afd": ("batch_sizes", "steps", "repeats")}
-BACKENDS = ("compiled", "eager", "transformers")
 
 
 def bench_args(scenario: str, batch_sizes: str = "1,16,64", steps=32, repeats=3, backends: str = "compiled,eager",

@@ -68,7 +68,7 @@ class LaunchSpec:
         """Validates the Launch tab's inputs; raises ConsoleError with a readable message."""
         topology = validate.afd_size(afd_size)
         return cls(model=validate.model_dir(model), topology=topology,
-                   micro_batches=validate.integer(micro_batches, "Micro-batches", 1, 16),
+                   micro_batches=validate.micro_batches(micro_batches),
                    connector=validate.connector(connector), enforce_eager=bool(enforce_eager), warmup=bool(warmup),
                    host=validate.host(host),
                    port=validate.port(port, count=topology.num_attention if topology else 1))

@@ -6,10 +6,10 @@ import ipaddress
 import re
 from pathlib import Path
 
+from afd_compile.config import CONNECTORS, MAX_MICRO_BATCHES, check_model_dir
 from afd_compile.errors import AfdError
 from afd_compile.topology import Topology
 
-CONNECTORS = ("gloo", "shm", "nccl")
 MONOLITHIC = "monolithic"
 
 
@@ -17,16 +17,20 @@ class ConsoleError(AfdError):
     """An input the console refuses; its message is shown in the page as is."""
 
 
+def _sentence(e: AfdError) -> str:
+    text = str(e)
+    return text[:1].upper() + text[1:] + "."
+
+
 def model_dir(value) -> Path:
-    text = str(value or "").strip()
-    if not text:
-        raise ConsoleError("Model directory is empty: give the path of a Hugging Face model directory.")
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise ConsoleError(f"Model directory {text!r} does not exist (or is not a directory).")
-    if not (path / "config.json").is_file():
-        raise ConsoleError(f"Model directory {text!r} has no config.json: it is not a Hugging Face model directory.")
-    return path.resolve()
+    try:
+        return check_model_dir(str(value or "").strip()).resolve()
+    except AfdError as e:
+        raise ConsoleError(_sentence(e)) from None
+
+
+def micro_batches(value) -> int:
+    return integer(value, "Micro-batches", 1, MAX_MICRO_BATCHES)
 
 
 def afd_size(value) -> Topology | None:

@@ -1,11 +1,10 @@
 """The seam between attention and FFN ranks: send_attn_output -> FFN -> send_ffn_output ->
 recv_ffn_output, one backend per file."""
 
+from afd_compile.config import CONNECTORS
 from afd_compile.connector.base import AFDConnector, Kind, StepHeader
 
-__all__ = ["AFDConnector", "BACKENDS", "Kind", "StepHeader", "make_connector"]
-
-BACKENDS = ("gloo", "shm", "nccl")
+__all__ = ["AFDConnector", "Kind", "StepHeader", "make_connector"]
 
 
 def make_connector(backend: str, **kwargs) -> AFDConnector:
@@ -23,4 +22,4 @@ def make_connector(backend: str, **kwargs) -> AFDConnector:
         from afd_compile.connector.shm import ShmConnector
 
         return ShmConnector(**kwargs)
-    raise AfdError(f"unknown connector backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    raise AfdError(f"unknown connector backend {backend!r}: expected one of {', '.join(CONNECTORS)}")

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MAX_MICRO_BATCHES = 16
+from afd_compile.config import MAX_MICRO_BATCHES
+
 HEARTBEAT_S = 1.0
 HEADER_LEN = 4 + MAX_MICRO_BATCHES
 

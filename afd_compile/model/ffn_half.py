@@ -110,9 +110,6 @@ class FFNHalf(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-EP_DISPATCH = ("sort", "deepspeed")
-
-
 def set_expert_parallel(ffn_halves, ep_rank: int, ep_size: int, group, dispatch: str = "sort") -> None:
     """Makes every MoE layer exchange tokens with the other FFN ranks of `group`.
 

@@ -18,12 +18,12 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from afd_compile.config import DEFAULT_MODEL, check_model_dir
 from afd_compile.errors import AfdError
 from afd_compile.model.decoder import DeepseekV2
 from moe_kernels.cpu_build import cpu_kernels
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2",)
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "afd-demo-moe"
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -31,17 +31,8 @@ _ATTENTION_PREFIXES = ("input_layernorm.", "self_attn.")
 _FFN_PREFIXES = ("post_attention_layernorm.", "mlp.")
 
 
-def _model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise AfdError(f"model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise AfdError(f"model directory {str(path)!r} has no config.json")
-    return path
-
-
 def load_config(path: str | Path) -> PretrainedConfig:
-    path = _model_dir(path)
+    path = check_model_dir(path)
     try:
         raw = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -59,7 +50,7 @@ def load_config(path: str | Path) -> PretrainedConfig:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    path = _model_dir(path)
+    path = check_model_dir(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise AfdError(f"model directory {str(path)!r} has no tokenizer (tokenizer.json or tokenizer.model)")
     try:
@@ -83,7 +74,7 @@ def single_turn(path: str | Path) -> bool:
     generation_config.json, as the shipped demo model says): chat front ends then send each
     message without the earlier turns."""
     try:
-        config = json.loads((_model_dir(path) / "generation_config.json").read_text())
+        config = json.loads((check_model_dir(path) / "generation_config.json").read_text())
     except (OSError, ValueError):
         return False
     return config.get("afd_single_turn") is True
@@ -296,7 +287,7 @@ def load_state_dict(path: Path, model: DeepseekV2, dtype: torch.dtype = torch.fl
 def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int = 0, ep_size: int = 1,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DeepseekV2:
     """Builds the model on the meta device and assigns the loaded tensors: no double allocation."""
-    path = _model_dir(path)
+    path = check_model_dir(path)
     cfg = load_config(path)
     if ep_size < 1 or cfg.n_routed_experts % ep_size:
         raise AfdError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the {ep_size} FFN ranks")

@@ -26,10 +26,9 @@ import torch
 
 from afd_compile.compilation import CompiledPerShape, CpuGpuBuffer, compile_options, context_bucket, context_spans
 from afd_compile.config import EngineConfig
-from afd_compile.connector.base import MAX_MICRO_BATCHES, AFDConnector, Flag, Kind, StepHeader, heartbeat
+from afd_compile.connector.base import AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
 from afd_compile.engine.sequence import Sequence
-from afd_compile.errors import AfdError
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
 from afd_compile.model.decoder import DeepseekV2
 from afd_compile.trace import Tracer
@@ -58,8 +57,6 @@ class MicroBatch:
 class AFDModelRunner:
     def __init__(self, model: DeepseekV2, config: EngineConfig, max_model_len: int, connector: AFDConnector,
                  micro_batches: int = 1, tracer: Tracer | None = None, world=None):
-        if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
-            raise AfdError(f"micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}")
         self.model, self.config, self.max_model_len = model, config, max_model_len
         self.micro_batches = micro_batches
         self.tracer = tracer or Tracer("attention", 0)
