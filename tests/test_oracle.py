@@ -246,7 +246,10 @@ def test_shipped_model_logits_match_transformers(shipped_model):
     prompts = shipped_prompts(shipped_model)
     assert len({len(p) for p in prompts}) > 1
     for prompt, ours in zip(prompts, our_logits(model, prompts, "all")):
-        torch.testing.assert_close(ours, hf_logits(hf, prompt), **TOL)
+        want = hf_logits(hf, prompt)
+        # The trained model's logits reach ~35, where batched and per-prompt fp32 reductions differ
+        # by ~1e-4 (measured up to 1.3e-4): an absolute tolerance on the logits' scale, not 1e-4.
+        torch.testing.assert_close(ours, want, atol=1e-5 * want.abs().max().item(), rtol=TOL["rtol"])
 
 
 def test_shipped_model_greedy_matches_transformers(shipped_model):
