@@ -74,6 +74,20 @@ def _sampling_argv(args) -> list[str]:
     return out + [f"--stop={s}" for s in args.stop] + (["--ignore-eos"] if args.ignore_eos else [])
 
 
+def _deployment_options(args) -> list[str]:
+    """This invocation's engine and AFD flags, the same on every rank it starts (RankSpec.options)."""
+    out = ["--model", str(args.model), "--micro-batches", str(args.micro_batches), "--connector", args.connector,
+           "--connector-timeout", str(args.connector_timeout), "--ep-dispatch", args.ep_dispatch,
+           "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), "--log-level", args.log_level]
+    if args.max_model_len is not None:
+        out += ["--max-model-len", str(args.max_model_len)]
+    if args.enforce_eager:
+        out.append("--enforce-eager")
+    if args.connector_delay_us:
+        out += ["--connector-delay-us", str(args.connector_delay_us)]
+    return out
+
+
 def _afd_args(p: argparse.ArgumentParser, with_role: bool) -> None:
     p.add_argument("--afd-size", default=None, help="xAyF: x attention ranks, y FFN ranks (e.g. 2A2F)")
     if with_role:
@@ -154,7 +168,10 @@ def cmd_generate(args) -> None:
             from afd_compile.roles.generate import launch_generate
 
             _afd_config(args, "attention", 0)  # validate before starting anything
-            for text in launch_generate(args, _sampling_argv(args)):
+            extra = [*_sampling_argv(args), *(["--chat"] if args.chat else []), "--", *args.prompt]
+            texts = launch_generate(args.afd_size, _deployment_options(args), extra, len(args.prompt), args.trace,
+                                    relay_logs=args.log_level in ("DEBUG", "INFO"))
+            for text in texts:
                 print(text.strip() if args.chat else text, flush=True)
             return
         if parse_role(args.role) != "attention":
@@ -298,8 +315,8 @@ RANK_EXIT_S = 15  # a server's exit after its graceful shutdown: closing the eng
 
 def _supervise(args, roles: tuple[str, ...]) -> None:
     """Starts every rank of the given roles on this host and supervises them until Ctrl-C."""
-    from afd_compile.roles.generate import rank_args
     from afd_compile.roles.launcher import Supervisor
+    from afd_compile.roles.rank_spec import deployment, trace_parts
     from afd_compile.roles.rendezvous import local_launch_env
 
     topo = _afd_config(args, "attention", 0).topology
@@ -310,12 +327,9 @@ def _supervise(args, roles: tuple[str, ...]) -> None:
     if serving and args.api_key:
         env["AFD_API_KEY"] = args.api_key  # through the environment, not the process list
     sup = Supervisor(env, max_restarts=args.max_restarts)
-    for role in roles:
-        for rank in range(topo.num_ranks(role)):
-            argv = rank_args(args, role, rank)
-            if role == "attention":  # rank_args builds `generate --role attention ...`: serve instead
-                argv = ["serve", *argv[1:], *_server_argv(args)]
-            sup.start(f"{role} {rank}", argv)
+    for rank in deployment(str(topo), _deployment_options(args), attention_extra=_server_argv(args) if serving else (),
+                           trace=args.trace, roles=roles):
+        sup.start(rank.name, rank.argv())
     where = f"; attention rank i serves http://{args.host}:{args.port}+i" if serving else ""
     print(f"afd: {topo} starting {' and '.join(roles)} ranks{where}  (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
@@ -335,8 +349,7 @@ def _supervise(args, roles: tuple[str, ...]) -> None:
         if args.trace:
             from afd_compile.trace import merge
 
-            parts = [f"{args.trace}.{role}{rank}.json" for role in roles for rank in range(topo.num_ranks(role))]
-            existing = [p for p in parts if os.path.exists(p)]
+            existing = [p for p in trace_parts(str(topo), args.trace, roles) if os.path.exists(p)]
             if existing:
                 merge(existing, args.trace)
 

@@ -93,7 +93,7 @@ class Console:
         path = self.artifacts / f"trace-{spec.name}-{time.strftime('%H%M%S')}.json"
         running = self.launcher.spec if self.launcher.running else None
         if running is not None and running.topology is not None and all(
-                r.state() == "ready" for r in self.launcher.ranks):
+                self.launcher.state(r) == "ready" for r in self.launcher.ranks):
             yield (f"Recording the next {steps} steps of the running {running.name} deployment "
                    "(`POST /debug/trace`, with a few chat requests to drive it)…",
                    gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())

@@ -12,16 +12,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from afd_compile.roles.launcher import spawn
+from afd_compile.roles.rank_spec import afd_argv
 from benchmarks.monolithic import BACKENDS
 from benchmarks.report import RESULTS_DIR, RUNS_DIR
 from console import validate
-from console.launcher import spawn
 from console.validate import ConsoleError
 
 SCENARIOS = ("monolithic", "connector", "serve", "moe", "afd")
@@ -161,7 +161,7 @@ class BenchRunner:
             if self.proc is not None and self.proc.poll() is None:
                 raise ConsoleError("A benchmark is already running: wait for it or stop it.")
             self.lines = []
-            self.proc = spawn([sys.executable, "-m", "afd_compile.cli", *args], stdout=subprocess.PIPE,
+            self.proc = spawn(afd_argv(args), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, bufsize=1,
                               env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
             proc = self.proc

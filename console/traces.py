@@ -25,15 +25,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from afd_compile.roles.launcher import spawn
+from afd_compile.roles.rank_spec import afd_argv
 from afd_compile.roles.rendezvous import free_port
-from console.launcher import LaunchSpec, spawn
+from console.launcher import LaunchSpec
 from console.validate import ConsoleError
 
 # Chat prompts the shipped model knows; repeated so that every micro-batch gets rows.
@@ -49,7 +50,7 @@ def record_args(spec: LaunchSpec, steps: int, trace_path: str | Path) -> list[st
         raise ConsoleError("Traces show the AFD timeline: set an AFD size such as 1A1F or 2A2F (not monolithic).")
     n_prompts = max(2, 2 * spec.micro_batches * spec.topology.num_attention)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]
-    return ["generate", *spec.engine_args(), "--trace", str(trace_path), "--max-tokens", str(steps + 1),
+    return ["generate", "--afd-size", spec.afd_size, *spec.options(), "--trace", str(trace_path), "--max-tokens", str(steps + 1),
             "--ignore-eos", "--chat", "--", *prompts]
 
 
@@ -59,7 +60,7 @@ def record(spec: LaunchSpec, steps: int, trace_path: str | Path, timeout_s: floa
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    argv = [sys.executable, "-m", "afd_compile.cli", *record_args(spec, steps, trace_path)]
+    argv = afd_argv(record_args(spec, steps, trace_path))
     proc = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)

@@ -145,14 +145,15 @@ def test_ffn_dying_mid_step_is_an_error_not_a_hang(tiny_greedy_checkpoint):
 
 def test_launcher_stops_the_other_ranks_when_one_fails(tiny_greedy_checkpoint):
     from afd_compile.roles.launcher import Supervisor
+    from afd_compile.roles.rank_spec import afd_argv
 
     sup = Supervisor({"MASTER_PORT": str(free_port())}, relay_logs=False)
     # A healthy FFN rank that would wait 120 s for its attention peer ...
-    waiting = sup.start("ffn 0", ["ffn", "--afd-size", "1A1F", "--rank", "0", "--connector-timeout", "120",
-                                  "--model", str(tiny_greedy_checkpoint)])
+    waiting = sup.start("ffn 0", afd_argv(["ffn", "--afd-size", "1A1F", "--rank", "0", "--connector-timeout", "120",
+                                           "--model", str(tiny_greedy_checkpoint)]))
     # ... and an attention rank that fails at once.
-    sup.start("attention 0", ["generate", "--afd-size", "1A1F", "--role", "attention", "--rank", "0",
-                              "--model", "/nonexistent-model-dir", "1 2"])
+    sup.start("attention 0", afd_argv(["generate", "--afd-size", "1A1F", "--role", "attention", "--rank", "0",
+                                       "--model", "/nonexistent-model-dir", "1 2"]))
     start = time.monotonic()
     with pytest.raises(AfdError, match="attention 0 exited with code 1.*does not exist"):
         sup.wait()

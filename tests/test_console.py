@@ -16,7 +16,8 @@ from afd_compile.cli import build_parser
 from afd_compile.roles.rendezvous import free_port
 from console import bench, chat, traces, validate
 from console.app import Console, build_app
-from console.launcher import Launcher, LaunchSpec, Rank, commands
+from afd_compile.roles.launcher import Supervisor
+from console.launcher import Launcher, LaunchSpec, commands
 from console.validate import ConsoleError
 from tests.conftest import SHIPPED_MODEL
 
@@ -65,22 +66,24 @@ def test_console_launch_shows_validation_error_and_starts_nothing(tmp_path):
 
 def test_rank_commands_are_argument_lists():
     spec = LaunchSpec.from_form(**form())
-    ranks = spec.rank_commands()
-    assert [name for name, _ in ranks] == ["ffn 0", "ffn 1", "attention 0", "attention 1"]
-    for name, args in ranks:
+    ranks = spec.rank_specs()
+    assert [r.name for r in ranks] == ["ffn 0", "ffn 1", "attention 0", "attention 1"]
+    for rank in ranks:
+        args = rank.args()
         assert isinstance(args, list) and all(isinstance(a, str) for a in args)
         assert args[args.index("--afd-size") + 1] == "2A2F" and "--enforce-eager" in args
-        assert args[args.index("--rank") + 1] == name.split()[1]
-    assert ranks[0][1][0] == "ffn" and ranks[2][1][0] == "serve"
-    assert ranks[2][1][-4:] == ["--host", "127.0.0.1", "--port", "8100"]
+        assert args[args.index("--rank") + 1] == rank.name.split()[1]
+        assert rank.argv()[-len(args):] == args and rank.argv()[1:3] == ["-m", "afd_compile.cli"]
+    assert ranks[0].args()[0] == "ffn" and ranks[2].args()[0] == "serve"
+    assert ranks[2].args()[-4:] == ["--host", "127.0.0.1", "--port", "8100"]
     assert spec.url(1) == "http://127.0.0.1:8101"
     mono = LaunchSpec.from_form(**form(afd_size="monolithic"))
-    assert mono.rank_commands() == [("server", ["serve", "--model", str(SHIPPED_MODEL), "--enforce-eager",
-                                                "--host", "127.0.0.1", "--port", "8100"])]
+    assert [(r.name, r.args()) for r in mono.rank_specs()] == [
+        ("server", ["serve", "--model", str(SHIPPED_MODEL), "--enforce-eager", "--host", "127.0.0.1", "--port", "8100"])]
     # warm-up is the default; --no-warmup is the servers' (attention ranks', or afd launch's) flag,
     # not the FFN ranks'
     cold = LaunchSpec.from_form(**form(enforce_eager=False, warmup=False))
-    assert ["--no-warmup" in args for _, args in cold.rank_commands()] == [False, False, True, True]
+    assert ["--no-warmup" in r.args() for r in cold.rank_specs()] == [False, False, True, True]
     assert "--no-warmup" in cold.launch_args() and "--no-warmup" not in LaunchSpec.from_form(
         **form(afd_size="monolithic", warmup=True)).launch_args()
 
@@ -91,10 +94,10 @@ def test_commands_text_quotes_paths(tmp_path):
     (model / "config.json").write_text("{}")
     spec = LaunchSpec.from_form(**form(model=str(model), afd_size="1A1F"))
     text = commands(spec, master_port=29555)
-    assert f"afd launch --model '{model}' --afd-size 1A1F --micro-batches 2 --connector shm" in text
+    assert f"afd launch --afd-size 1A1F --model '{model}' --micro-batches 2 --connector shm" in text
     assert "export MASTER_ADDR=127.0.0.1 MASTER_PORT=29555" in text
     # one rank per machine: shm joins ranks of one host only, so these use gloo
-    assert f"afd ffn --model '{model}' --afd-size 1A1F --micro-batches 2 --connector gloo --enforce-eager --rank 0" \
+    assert f"afd ffn --afd-size 1A1F --model '{model}' --micro-batches 2 --connector gloo --enforce-eager --rank 0" \
         in text
     assert text.count("--connector shm") == 1
     assert "afd serve" in text and "--rank 0 --host 127.0.0.1 --port 8100" in text
@@ -122,36 +125,30 @@ class _Health(BaseHTTPRequestHandler):
         pass
 
 
-class FakeRank(Rank):
-    """A rank whose process is a stand-in Python script instead of `afd`."""
-
-    def __init__(self, name, script, url=None):
-        super().__init__(name, [], url)
-        self.script = script
-
-    @property
-    def argv(self):
-        return [sys.executable, "-c", self.script]
+def fake_launcher(**scripts) -> Launcher:
+    """A 1A1F Launcher whose ranks are stand-in Python scripts instead of `afd`."""
+    launcher = Launcher()
+    launcher.spec = LaunchSpec.from_form(**form(afd_size="1A1F"))
+    launcher.supervisor = Supervisor({}, relay_logs=False)
+    for name, script in scripts.items():
+        launcher.supervisor.start(name.replace("_", " "), [sys.executable, "-c", script])
+    return launcher
 
 
 def test_rank_state_transitions(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    launcher = Launcher()
-    attention = FakeRank("attention 0", "import time; print('up', flush=True); time.sleep(60)",
-                         url=f"http://127.0.0.1:{free_port()}")  # nothing listens yet
-    ffn = FakeRank("ffn 0", "import time; time.sleep(60)")
-    launcher.ranks = [ffn, attention]
-    launcher.spec = LaunchSpec.from_form(**form(afd_size="1A1F"))
+    launcher = fake_launcher(ffn_0="import time; time.sleep(60)",
+                             attention_0="import time; print('up', flush=True); time.sleep(60)")
+    attention = launcher.ranks[1]
+    launcher.urls["attention 0"] = f"http://127.0.0.1:{free_port()}"  # nothing listens yet
     try:
-        for r in launcher.ranks:
-            r.start(dict(__import__("os").environ))
         rows = launcher.status_rows()
         assert [r[2] for r in rows] == ["starting", "starting"]
         assert all(isinstance(r[1], int) and r[3] >= 0 for r in rows)
         assert "starting (0/2 ranks ready)" in launcher.summary()
-        attention.url = url  # its /health answers now
+        launcher.urls["attention 0"] = url  # its /health answers now
         assert [r[2] for r in launcher.status_rows()] == ["ready", "ready"]  # FFN ready once attention is
         assert "1A1F ready" in launcher.summary()
         deadline = time.monotonic() + 5
@@ -170,11 +167,8 @@ def test_rank_state_transitions(tmp_path):
 
 
 def test_rank_failure_is_reported(tmp_path):
-    launcher = Launcher()
-    bad = FakeRank("ffn 0", "import sys; print('afd: error: boom', flush=True); sys.exit(3)")
-    launcher.ranks = [bad]
-    launcher.spec = LaunchSpec.from_form(**form(afd_size="1A1F"))
-    bad.start(dict(__import__("os").environ))
+    launcher = fake_launcher(ffn_0="import sys; print('afd: error: boom', flush=True); sys.exit(3)")
+    bad = launcher.ranks[0]
     bad.proc.wait(10)
     time.sleep(0.2)  # the log pump
     assert launcher.status_rows()[0][2] == "failed"

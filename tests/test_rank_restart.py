@@ -27,6 +27,7 @@ from afd_compile.connector.base import ConnectorError
 from afd_compile.engine import LLMEngine, SamplingParams
 from afd_compile.errors import AfdError
 from afd_compile.roles import launcher
+from afd_compile.roles.rank_spec import afd_argv
 from afd_compile.serve.async_engine import AsyncEngine
 from tests.server_fixtures import start_launch
 from tests.test_server import ODD, ODD_ANSWER, assert_error, chat
@@ -181,7 +182,7 @@ def test_launcher_restarts_a_failed_rank_then_gives_up(monkeypatch):
     stops with its error and the restart count."""
     monkeypatch.setattr(launcher, "RESTART_BACKOFF_S", (0.05, 0.1))
     sup = launcher.Supervisor({}, relay_logs=False, max_restarts=2)
-    child = sup.start("ffn 0", ["ffn"])  # no --afd-size: exits 1 at once
+    child = sup.start("ffn 0", afd_argv(["ffn"]))  # no --afd-size: exits 1 at once
     with pytest.raises(AfdError, match=r"ffn 0 exited with code 1: afd ffn needs --afd-size.*after 2 restart"):
         sup.wait()
     assert child.restarts == 2

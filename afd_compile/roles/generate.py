@@ -13,6 +13,7 @@ from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
 from afd_compile.roles.launcher import Supervisor
+from afd_compile.roles.rank_spec import deployment, trace_parts
 from afd_compile.roles.rendezvous import local_launch_env
 
 
@@ -31,37 +32,16 @@ def attention_rank_generate(engine_cfg: EngineConfig, afd: AFDConfig, prompts: l
         leave_attention(engine, tracer, afd)
 
 
-def rank_args(args, role: str, rank: int) -> list[str]:
-    """The command line that starts one rank with this invocation's settings."""
-    out = ["--model", str(args.model), "--afd-size", args.afd_size, "--rank", str(rank),
-           "--micro-batches", str(args.micro_batches), "--connector", args.connector,
-           "--connector-timeout", str(args.connector_timeout), "--ep-dispatch", args.ep_dispatch,
-           "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), "--log-level", args.log_level]
-    if args.max_model_len is not None:
-        out += ["--max-model-len", str(args.max_model_len)]
-    if args.enforce_eager:
-        out.append("--enforce-eager")
-    if getattr(args, "connector_delay_us", 0):
-        out += ["--connector-delay-us", str(args.connector_delay_us)]
-    if getattr(args, "trace", None):
-        out += ["--trace", f"{args.trace}.{role}{rank}.json"]
-    return ["ffn", *out] if role == "ffn" else ["generate", "--role", "attention", *out]
-
-
-def launch_generate(args, sampling_argv: list[str]) -> list[str]:
-    """Starts all ranks of args.afd_size locally; returns the completions in prompt order."""
-    from afd_compile.config import AFDConfig
-
-    topo = AFDConfig(afd_size=args.afd_size).topology
-    env = local_launch_env()
-    attention_names = [f"attention {i}" for i in range(topo.num_attention)]
-    sup = Supervisor(env, relay_logs=args.log_level.upper() in ("DEBUG", "INFO"), capture_stdout=tuple(attention_names))
+def launch_generate(afd_size: str, options: list[str], attention_extra: list[str], num_prompts: int,
+                    trace: str | None = None, relay_logs: bool = True) -> list[str]:
+    """Starts all ranks of afd_size locally, each attention rank with attention_extra (sampling
+    flags, then "--" and the prompts); returns the completions in prompt order."""
+    ranks = deployment(afd_size, options, attention="generate", attention_extra=attention_extra, trace=trace)
+    sup = Supervisor(local_launch_env(), relay_logs=relay_logs,
+                     capture_stdout=tuple(r.name for r in ranks if r.role == "attention"))
     try:
-        for j in range(topo.num_ffn):
-            sup.start(f"ffn {j}", rank_args(args, "ffn", j))
-        for i, name in enumerate(attention_names):
-            extra = ["--chat"] if args.chat else []
-            sup.start(name, [*rank_args(args, "attention", i), *sampling_argv, *extra, "--", *args.prompt])
+        for rank in ranks:
+            sup.start(rank.name, rank.argv())
         sup.wait()
     except KeyboardInterrupt:
         sup.stop()
@@ -71,13 +51,11 @@ def launch_generate(args, sampling_argv: list[str]) -> list[str]:
         for line in child.stdout_lines:
             row = json.loads(line)
             results[row["index"]] = row["text"]
-    if getattr(args, "trace", None):
+    if trace:
         from afd_compile.trace import merge
 
-        merge([f"{args.trace}.{n.replace(' ', '')}.json" for n in
-               [*[f"ffn{j}" for j in range(topo.num_ffn)], *[f"attention{i}" for i in range(topo.num_attention)]]],
-              args.trace)
-    missing = [i for i in range(len(args.prompt)) if i not in results]
+        merge(trace_parts(afd_size, trace), trace)
+    missing = [i for i in range(num_prompts) if i not in results]
     if missing:
         raise AfdError(f"the attention ranks returned no completion for prompts {missing}")
-    return [results[i] for i in range(len(args.prompt))]
+    return [results[i] for i in range(num_prompts)]

@@ -1,7 +1,10 @@
-"""Starts ranks as supervised child processes on one host.
+"""Starts ranks as supervised child processes on one host: the one supervisor of `afd launch`,
+`afd serve`/`afd ffn` without --rank, `afd generate --afd-size` and the console.
 
-Children get argument lists (never shell strings) and their own MASTER_ADDR/MASTER_PORT.
-Their output is relayed line by line with a `[role rank]` prefix. A child that fails is
+Children get argument lists (never shell strings) and their own MASTER_ADDR/MASTER_PORT, each in
+its own process group (stopping a rank also ends what it started: inductor's compile workers).
+Their output is kept line by line (the last LOG_LINES) and, for the CLI, relayed with a
+`[role rank]` prefix. A child that fails is
 started again, after a backoff, up to `max_restarts` times in a row (as torchrun's
 --max-restarts); the surviving ranks wait for it in the rendezvous. Past that, the others are
 stopped and the failure is reported with the child's last log lines. A child that ran for
@@ -20,6 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from afd_compile.errors import AfdError
@@ -28,6 +32,18 @@ log = logging.getLogger("afd.launcher")
 
 RESTART_BACKOFF_S = (1.0, 30.0)  # wait before the first restart of a child, doubling up to the max
 RESTART_RESET_S = 600.0  # a child that ran this long before failing has its restart count and backoff reset
+LOG_LINES = 400
+
+# Children get SIGTERM when the *thread* that started them ends (PR_SET_PDEATHSIG), and callers
+# such as Gradio run handlers on worker threads that end when idle: so every child is started
+# from this one thread, which lives as long as the process.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afd-spawner")
+
+
+def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Popen(argv) in its own process group, ended with this process (even if it is SIGKILLed)."""
+    kwargs = {"stdin": subprocess.DEVNULL, "start_new_session": True, "preexec_fn": die_with_parent, **popen_kwargs}
+    return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
 
 
 @dataclass
@@ -35,12 +51,27 @@ class Child:
     name: str
     argv: list[str]
     proc: subprocess.Popen | None = None
-    tail: deque = field(default_factory=lambda: deque(maxlen=20))
+    log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))  # stderr, and stdout unless it is data
     stdout_lines: list[str] = field(default_factory=list)
     pumps: list[threading.Thread] = field(default_factory=list)
     restarts: int = 0  # in a row: since it last ran RESTART_RESET_S
     restart_at: float | None = None  # failed: when it is started again
     started_at: float = 0.0
+    ended_at: float | None = None
+    stop_requested: bool = False
+
+    @property
+    def returncode(self) -> int | None:
+        rc = None if self.proc is None else self.proc.poll()
+        if rc is not None and self.ended_at is None:
+            self.ended_at = time.monotonic()
+        return rc
+
+    def uptime(self) -> float:
+        if self.proc is None:
+            return 0.0
+        _ = self.returncode  # notes the end
+        return (self.ended_at if self.ended_at is not None else time.monotonic()) - self.started_at
 
 
 class Supervisor:
@@ -52,16 +83,21 @@ class Supervisor:
         self.capture_stdout = capture_stdout  # children whose stdout is data, not log
         self.max_restarts = max_restarts  # per child, in a row; 0 (a batch job): one failure stops everyone
 
-    def start(self, name: str, args: list[str]) -> Child:
-        child = Child(name, [sys.executable, "-m", "afd_compile.cli", *args])
+    @property
+    def running(self) -> bool:
+        return any(c.returncode is None for c in self.children)
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        """Starts argv (a RankSpec's argv(), or any command) as child `name`."""
+        child = Child(name, argv)
         self._spawn(child)
         self.children.append(child)
         return child
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, bufsize=1, preexec_fn=die_with_parent)
-        child.started_at = time.monotonic()
+        child.proc = spawn(child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, bufsize=1)
+        child.started_at, child.ended_at = time.monotonic(), None
         is_data = child.name in self.capture_stdout
         child.pumps = [threading.Thread(target=self._pump, args=(child, child.proc.stderr, False), daemon=True),
                        threading.Thread(target=self._pump, args=(child, child.proc.stdout, is_data), daemon=True)]
@@ -73,7 +109,7 @@ class Supervisor:
             if is_data:
                 child.stdout_lines.append(line)
                 continue
-            child.tail.append(line.rstrip())
+            child.log.append(line.rstrip("\n"))
             if self.relay_logs:
                 print(f"[{child.name}] {line}", end="", file=sys.stderr, flush=True)
 
@@ -111,7 +147,7 @@ class Supervisor:
             child.restart_at = time.monotonic() + delay
         elif time.monotonic() >= child.restart_at:
             child.restarts, child.restart_at = child.restarts + 1, None
-            child.tail.clear()
+            child.log.clear()  # its failure is told from this run's lines
             self._spawn(child)
 
     def stop(self, stages: list[tuple[list[str], float]] | None = None) -> None:
@@ -120,25 +156,27 @@ class Supervisor:
         goodbyes) before SIGKILL, and the next stage starts only then. Default: everyone at once,
         with 5 s."""
         for names, grace_s in stages or [([c.name for c in self.children], 5.0)]:
-            stage = [c for c in self.children if c.name in names and c.proc.poll() is None]
+            stage = [c for c in self.children if c.name in names]
             for child in stage:
-                child.proc.send_signal(signal.SIGTERM)
+                child.stop_requested = True
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + grace_s
             for child in stage:
                 try:
                     child.proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     log.warning("%s did not stop within %.0f s of SIGTERM; killing it", child.name, grace_s)
-                    child.proc.kill()
-                    child.proc.wait()
+                _kill_group(child.proc)
 
 
 def _failure(child: Child, rc: int) -> str:
     if rc < 0:  # killed: its last log lines are not the reason
         return f"{child.name} was killed by {signal.Signals(-rc).name}"
     # The child's own one-line error says it best; otherwise its last log lines.
-    errors = [ln.removeprefix("afd: error: ") for ln in child.tail if ln.startswith("afd: error:")]
-    detail = errors[-1] if errors else " | ".join(list(child.tail)[-3:]) or "no output"
+    tail = list(child.log)
+    errors = [ln.removeprefix("afd: error: ") for ln in tail if ln.startswith("afd: error:")]
+    detail = errors[-1] if errors else " | ".join(tail[-3:]) or "no output"
     return f"{child.name} exited with code {rc}: {detail}"
 
 
@@ -148,13 +186,17 @@ def _raise_interrupt(signum, frame):
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM (a rank says goodbye to its peers), then SIGKILL of the process's whole group:
-    whatever ranks it supervised go too. For children started with start_new_session=True."""
+    whatever ranks it supervised go too. For children started by spawn (their own group)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             pass
+    _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
