@@ -11,6 +11,11 @@ restarted rank. Attention rank 0 opens each generation under a fresh name (its s
 and shared-memory names), so nothing of a broken one is ever reused; the other ranks wait for
 a generation newer than the one they left. If attention rank 0 itself died, its restart hosts
 a new store on the same port, and everyone joins that.
+
+Under a cluster launcher (torchrun, srun: rank_spec.cluster_rank) MASTER_ADDR:MASTER_PORT is
+the launcher's own store (torchrun's agent's; under srun, launcher rank 0 hosts one), which
+attention rank 0 need not share a host with: it binds this store on a free port of its own
+host and publishes the address there, under the launcher's run and restart, for the others.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from afd_compile.errors import AfdError
+from afd_compile.roles.rank_spec import ClusterRank, cluster_rank
 from afd_compile.roles.store import SECRET_ENV, SecretStore, StoreServer, dist_secret, new_secret
 from afd_compile.topology import Topology
 
@@ -47,6 +53,7 @@ class World:
     nccl_group: dist.ProcessGroup | None = None  # all ranks, NCCL: the GPU connector's transfers
     store_client: SecretStore | None = None  # this rank's connection to the store, under `store`
     store_server: StoreServer | None = None  # global rank 0: the store itself, kept across generations
+    address: tuple[str, int] | None = None  # the store's host and port, the same every generation
 
 
 def master_address() -> tuple[str, int]:
@@ -59,6 +66,50 @@ def master_address() -> tuple[str, int]:
     if not 0 < port_n < 65536:
         raise AfdError(f"MASTER_PORT={port_n} is out of range 1..65535")
     return addr, port_n
+
+
+_launcher_stores: list[dist.Store] = []  # kept open: the store srun's launcher rank 0 hosts serves until exit
+
+
+def _cluster_address(cluster: ClusterRank, global_rank: int, timeout_s: float) -> tuple[str, int, StoreServer | None]:
+    """The store's address under a cluster launcher; global rank 0 starts the store and publishes
+    it (with a generated secret when the deployment has none) in the launcher's store."""
+    master, master_port = master_address()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        # torchrun's agent hosts the store its workers share (TORCHELASTIC_USE_AGENT_STORE); else, as
+        # under srun, launcher rank 0 hosts it, as init_process_group("env://") would
+        agent = cluster.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        launcher = dist.TCPStore(master, master_port, is_master=not agent and cluster.rank == 0,
+                                 timeout=timeout, wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001 (torch raises several types)
+        raise AfdError(f"{cluster.launcher} rank {cluster.rank}: the launcher's store at {master}:{master_port} "
+                       f"is unreachable ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                       f"{'torchrun sets MASTER_ADDR/MASTER_PORT' if cluster.launcher == 'torchrun' else 'under srun, set MASTER_ADDR to the host of task 0 and MASTER_PORT to a free port there'}") from None
+    _launcher_stores.append(launcher)
+    run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID", "")
+    key = f"afd/rendezvous/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT') or os.environ.get('SLURM_STEP_ID', '0')}"
+    if global_rank == 0:
+        if not os.environ.get(SECRET_ENV):
+            log.warning("no %s set: attention rank 0 made one and published it in %s's store, which anyone who "
+                        "reaches %s:%d can read; set the same %s on every node to keep the rendezvous closed",
+                        SECRET_ENV, cluster.launcher, master, master_port, SECRET_ENV)
+            os.environ[SECRET_ENV] = new_secret()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # the interface that reaches the launcher
+            s.connect((socket.gethostbyname(master), master_port))
+            host = s.getsockname()[0]
+        server = StoreServer(host, 0, dist_secret())
+        launcher.set(f"{key}/secret", os.environ[SECRET_ENV])
+        launcher.set(key, f"{host}:{server.port}")
+        return host, server.port, server
+    try:
+        launcher.wait([key], timeout)
+    except Exception:  # noqa: BLE001
+        raise AfdError(f"{cluster.launcher} rank {cluster.rank}: attention rank 0 published no rendezvous within "
+                       f"{timeout_s:.0f} s (is it running?)") from None
+    os.environ.setdefault(SECRET_ENV, launcher.get(f"{key}/secret").decode())
+    host, _, port = launcher.get(key).decode().rpartition(":")
+    return host, int(port), None
 
 
 def local_launch_env() -> dict[str, str]:
@@ -102,19 +153,25 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
         if topology.global_rank(role, rank) != 0 and previous.store_client is not None:
             previous.store_client.close()  # the old store's host may be the rank that died
     leave()
-    addr, port = master_address()
     global_rank = topology.global_rank(role, rank)
+    server, cluster = previous.store_server if previous else None, cluster_rank()
+    if previous is not None:
+        addr, port = previous.address
+    elif cluster is not None:
+        addr, port, server = _cluster_address(cluster, global_rank, timeout_s)
+    else:
+        addr, port = master_address()
     if global_rank == 0:
         log.info("attention rank 0 hosts the rendezvous on %s:%d and waits for %d more rank(s)", addr, port,
                  topology.world_size - 1)
     else:
         log.info("%s rank %d waits for the rendezvous at %s:%d (up to %.0f s)", role, rank, addr, port, timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
-    secret, server = dist_secret(), previous.store_server if previous else None
+    secret = dist_secret()
     try:
         if global_rank == 0:
             if previous is None:
-                server = StoreServer(addr, port, secret)
+                server = server or StoreServer(addr, port, secret)
                 tcp = SecretStore(addr, port, secret, timeout_s)
             else:
                 tcp = previous.store_client
@@ -145,7 +202,7 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
     # Every rank must create the same groups in the same order, so nccl is a deployment-wide setting.
     nccl_group = dist.new_group(list(range(topology.world_size)), backend="nccl") if nccl else None
     return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, generation,
-                 nccl_group, tcp, server)
+                 nccl_group, tcp, server, (addr, port))
 
 
 def _next_generation(tcp: SecretStore, left: str | None, timeout_s: float) -> str:

@@ -17,6 +17,7 @@ from afd_compile.model.ffn_half import clear_expert_parallel, set_expert_paralle
 from afd_compile.model.loader import load_config, load_model
 from afd_compile.roles import rendezvous
 from afd_compile.roles.attention import AFDModelRunner
+from afd_compile.roles.rank_spec import cluster_rank
 from afd_compile.roles.ffn import FFNWorker, GracefulStop
 from afd_compile.trace import Tracer
 
@@ -62,12 +63,14 @@ def _links(afd: AFDConfig, world, hf, engine_cfg: EngineConfig):
 
 
 def _rank_device(engine_cfg: EngineConfig, afd: AFDConfig) -> EngineConfig:
-    """With device "cuda", ranks sharing a host take one GPU each, by global rank."""
+    """With device "cuda", ranks sharing a host take one GPU each: by the rank on its node a
+    cluster launcher gave it (LOCAL_RANK), else by global rank."""
     if engine_cfg.device != "cuda":
         return engine_cfg
     if afd.connector != "nccl":
         raise AfdError(f"on CUDA the connector must be nccl, not {afd.connector!r}")
-    index = afd.topology.global_rank(afd.role, afd.rank) % torch.cuda.device_count()
+    cluster = cluster_rank()
+    index = (cluster.local_rank if cluster else afd.topology.global_rank(afd.role, afd.rank)) % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return dataclasses.replace(engine_cfg, device=f"cuda:{index}")
 

@@ -1,0 +1,5 @@
+import sys
+
+from afd_compile.cli import main
+
+sys.exit(main())
