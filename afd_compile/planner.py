@@ -5,7 +5,7 @@ deployment with one micro-batch measured on its timeline: attention time per lay
 per layer, the send cost on each side, the round-trip overhead beyond FFN compute (link
 latency both ways plus receive costs) and the rest of the step (embedding, logits, sampling,
 scheduling), plus the extra cost of each further micro-batch from one ping-pong run. Each is
-fitted as a + b * rows by least squares.
+fitted as a + b * rows by least squares (fit_profile, from the ranks' trace spans).
 
 Prediction replays the ping-pong schedule of roles/attention.py and roles/ffn.py as a
 discrete-event simulation: an attention rank runs layer l of micro-batch k once the FFN output
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +101,49 @@ def step_time(p: Profile, batch: int, micro_batches: int, afd_size: str = "1A1F"
             back[layer][k] = t_ffn + half_trip
     t_attn = max(t_attn, *back[-1])
     return t_attn + at(p.step_overhead, rank_batch) + (micro_batches - 1) * p.micro_batch_overhead
+
+
+def _spans(events) -> dict:
+    """Mean seconds of each (side, span name, layer) over a timeline."""
+    acc = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X":
+            acc[e["cat"], e["name"], e["args"].get("layer")].append(e["dur"] * 1e-6)
+    return {k: statistics.fmean(v) for k, v in acc.items()}
+
+
+def _over_layers(spans: dict, side: str, name: str, first: int = 0) -> float:
+    return statistics.fmean(v for (c, n, layer), v in spans.items() if (c, n) == (side, name) and layer >= first)
+
+
+def fit_profile(traced: dict, pingpong: dict, num_layers: int, machine: dict) -> Profile:
+    """traced: {batch: m=1 run with events}; pingpong: {batch: m=2 run} for the per-micro-batch cost;
+    machine: where they ran. A run is {"step_times": [...], "events": the ranks' trace events}."""
+    rows, attn, attn_send, ffn_send, trip, rest = [], [], [], [], [], []
+    ffn = [[] for _ in range(num_layers)]
+    for b, run in sorted(traced.items()):
+        s = _spans(run["events"])
+        # Layer 0's attention span also holds the step's entry into its compiled graph and the
+        # embedding: a per-step cost (in `rest` below), not a per-layer one.
+        ta, sa = _over_layers(s, "attention", "attention", first=1), _over_layers(s, "attention", "send")
+        sf = _over_layers(s, "ffn", "send")
+        waits = [s["attention", "wait", l] for l in range(num_layers)]
+        tf = [s["ffn", "ffn", l] for l in range(num_layers)]
+        rows.append(b)
+        attn.append(ta)
+        attn_send.append(sa)
+        ffn_send.append(sf)
+        for per_layer, t in zip(ffn, tf):
+            per_layer.append(t)
+        trip.append(statistics.fmean(w - f - sf for w, f in zip(waits, tf)))
+        rest.append(statistics.median(run["step_times"]) - num_layers * (ta + sa) - sum(waits))
+    profile = Profile(num_layers=num_layers, attention=fit_line(rows, attn), attention_send=fit_line(rows, attn_send),
+                      ffn=[fit_line(rows, per_layer) for per_layer in ffn], ffn_send=fit_line(rows, ffn_send),
+                      round_trip=fit_line(rows, trip), step_overhead=fit_line(rows, rest), micro_batch_overhead=0.0,
+                      machine=machine)
+    extra = [statistics.median(run["step_times"]) - step_time(profile, b, 2) for b, run in pingpong.items()]
+    profile.micro_batch_overhead = statistics.fmean(extra)
+    return profile
 
 
 def candidates(cores: int) -> list[str]:

@@ -20,31 +20,22 @@ delay, and the cost model (afd_compile/planner.py) against measurement. `afd ben
   the per-micro-batch cost from m = 2), written beside the result as profile.json, and every
   measured configuration is predicted from it (in-sample where it fed the fit).
 
-Every configuration of a comparison runs at once in its own spawned processes (see Deployment),
-is warmed up at each batch size (which compiles its graphs), and then all are measured in
-turn, round after round.
+benchmarks/deployment.py deploys the configurations and measures them interleaved.
 """
 
 from __future__ import annotations
 
-import math
-import multiprocessing as mp
 import os
-import queue
 import statistics
-import traceback
-from collections import defaultdict
-
-import torch
 
 from afd_compile.errors import AfdError
-from afd_compile.planner import Profile, at, fit_line, step_time
+from afd_compile.planner import at, fit_profile, step_time
 
-from benchmarks.monolithic import DEFAULT_BATCH_SIZES, EngineBackend, _batch_sizes, _prompts
+from benchmarks.deployment import compare, round_tok_s
+from benchmarks.monolithic import DEFAULT_BATCH_SIZES, demo_prompts, parse_batch_sizes
 from benchmarks.report import format_table, machine_info, write_json
 
 SCENARIO = "afd"
-TIMEOUT_S = 900
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -57,172 +48,6 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
-def _pin(cores: list[int]) -> None:
-    os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
-
-
-def _engine_config(args, buckets):
-    from afd_compile.config import EngineConfig
-
-    return EngineConfig(model=args.model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                        max_num_seqs=max(buckets), batch_buckets=tuple(sorted(buckets)), dtype=args.dtype)
-
-
-class Deployment:
-    """One configuration (monolithic, or 1A1F with m micro-batches and a link delay) kept running
-    in its own pinned processes and measured on request. Every configuration of a comparison is
-    deployed at once and they are measured in turn, round after round: this VM's speed drifts by
-    tens of percent within minutes, and only interleaved runs compare configurations fairly.
-    Idle deployments sleep (an idle attention rank pings its FFN rank every few seconds)."""
-
-    def __init__(self, args, cores, prompts, batches, m=None, delay_us=0.0):
-        from afd_compile.roles.rendezvous import free_port
-
-        self.name = "monolithic" if m is None else f"1A1F m={m}" + (f" delay {delay_us:g} us" if delay_us else "")
-        # Spawned, not forked: a process whose OpenMP pool has run (a test process, say) forks
-        # children that hang in their first parallel region (libgomp is not fork-safe).
-        ctx = mp.get_context("spawn")
-        self.commands, self.results = ctx.Queue(), ctx.Queue()
-        buckets = set(batches) | {math.ceil(b / (m or 1)) for b in batches}
-        driver = (self.commands, self.results, args, prompts, buckets)
-        if m is None:
-            self.procs = [ctx.Process(target=_monolithic_main, args=(*driver, cores))]
-        else:
-            afd = dict(micro_batches=m, connector=args.connector, connector_delay_us=delay_us, timeout_s=120)
-            port = free_port()
-            self.procs = [ctx.Process(target=_rank_main, args=(*driver, role, afd, port, core))
-                          for role, core in (("ffn", cores[1]), ("attention", cores[0]))]
-        for p in self.procs:
-            p.start()
-
-    def request(self, batch: int, what: str = "measure") -> None:
-        """what: "warm" (compile and warm this batch size), "measure" or "trace" (measure, then
-        one more run recording the ranks' timelines)."""
-        self.commands.put((what, batch))
-
-    def result(self) -> dict:
-        """The answer to the oldest request: {"step_times": [...], "events": [...] if traced}."""
-        waited = 0.0
-        while True:
-            try:
-                kind, payload = self.results.get(timeout=1.0)
-                break
-            except queue.Empty:
-                waited += 1.0
-                if any(not p.is_alive() for p in self.procs) and self.results.empty():
-                    raise AfdError(f"{self.name}: a process died without reporting") from None
-                if waited > TIMEOUT_S:
-                    raise AfdError(f"{self.name}: no answer for {TIMEOUT_S} s") from None
-        if kind == "error":
-            raise AfdError(f"{self.name} failed:\n{payload}")
-        return payload
-
-    def close(self) -> None:
-        self.commands.put(None)
-        for p in self.procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-
-
-IDLE_PING_S = 5.0  # an idle attention rank's heartbeat, well inside the FFN rank's connector timeout
-
-
-def _drive(commands, results, backend, prompts, steps: int, idle=None) -> None:
-    """A deployment's driver loop: answers requests until told to stop (None)."""
-    while True:
-        try:
-            request = commands.get(timeout=IDLE_PING_S)
-        except queue.Empty:
-            if idle is not None:
-                idle()
-            continue
-        if request is None:
-            return
-        what, b = request
-        try:
-            if what == "warm":
-                backend.warm_up(prompts[:b], steps)
-                results.put(("ok", {}))
-                continue
-            run = backend.measure(prompts[:b], steps)
-            out = {"step_times": run.step_times, "outputs": run.outputs}
-            if what == "trace":
-                runner = backend.engine.runner
-                backend.measure(prompts[:b], steps, on_decode=lambda: runner.record_trace(10 ** 9))
-                out["events"] = runner.collect_trace(60)["traceEvents"]
-            results.put(("ok", out))
-        except BaseException:
-            results.put(("error", traceback.format_exc()))
-            return
-
-
-def _monolithic_main(commands, results, args, prompts, buckets, cores) -> None:
-    try:
-        _pin(cores)
-        from afd_compile.engine import LLMEngine
-
-        backend = EngineBackend("monolithic", args, LLMEngine(_engine_config(args, buckets)))
-    except BaseException:
-        results.put(("error", traceback.format_exc()))
-        return
-    _drive(commands, results, backend, prompts, args.steps)
-
-
-def _rank_main(commands, results, args, prompts, buckets, role, afd_kwargs, port, core) -> None:
-    try:
-        _pin([core])
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        from afd_compile.config import AFDConfig
-        from afd_compile.roles.worker import attention_engine, leave_attention, run_ffn
-
-        afd = AFDConfig(afd_size="1A1F", role=role, **afd_kwargs)
-        cfg = _engine_config(args, buckets)
-        if role == "ffn":
-            run_ffn(cfg, afd)
-            return
-        engine, tracer = attention_engine(cfg, afd)
-    except BaseException:
-        results.put(("error", f"{role}: {traceback.format_exc()}"))
-        return
-    try:
-        _drive(commands, results, EngineBackend("1A1F", args, engine), prompts, args.steps, idle=engine.runner.idle)
-    finally:
-        leave_attention(engine, tracer, afd)
-
-
-def _interleaved(deployments: dict, batches: dict, repeats: int, traced=()) -> dict:
-    """deployments {key: Deployment}, batches {key: batch sizes}. Warms every deployment at its
-    batch sizes (compiling its graphs), then measures `repeats` rounds, each deployment in turn (the order rotating).
-    Returns {key: {batch: the fastest round's result, plus "round_tok_s": tokens/s of every
-    round in order}}; keys in `traced` also record timelines (in their last round)."""
-    for key, d in deployments.items():  # one at a time: compiling everywhere at once takes longer
-        for b in batches[key]:
-            d.request(b, "warm")
-            d.result()
-    best: dict = {key: {} for key in deployments}
-    keys = list(deployments)
-    for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
-            d = deployments[key]
-            for b in batches[key]:
-                d.request(b, "trace" if key in traced and r == repeats - 1 else "measure")
-                out = d.result()
-                kept = best[key].setdefault(b, dict(out, round_tok_s=[]))
-                kept["round_tok_s"].append(_tok_s(out["step_times"], b))
-                if sum(out["step_times"]) < sum(kept["step_times"]):
-                    kept["step_times"] = out["step_times"]
-                if "events" in out:
-                    kept["events"] = out["events"]
-    return best
-
-
-def _tok_s(step_times: list[float], batch: int) -> float:
-    """Decode tokens/s over a round (not its fastest step), as monolithic.py reports."""
-    return batch * len(step_times) / sum(step_times)
-
-
 def _paired_ratio(afd: dict, mono: dict) -> tuple[float, float, float]:
     """Median, min and max over rounds of AFD tok/s / monolithic tok/s of the same round: the two
     were measured seconds apart, so the drift of a shared VM cancels better than between
@@ -231,62 +56,6 @@ def _paired_ratio(afd: dict, mono: dict) -> tuple[float, float, float]:
     return statistics.median(ratios), ratios[0], ratios[-1]
 
 
-def _compare(args, cores, prompts, configs: dict, traced=()) -> dict:
-    """Deploys configs {key: (batches, m, delay_us)}, measures them interleaved, closes them."""
-    deployments = {}
-    try:
-        for key, (batches, m, delay) in configs.items():
-            deployments[key] = Deployment(args, cores, prompts, batches, m, delay)
-        return _interleaved(deployments, {k: c[0] for k, c in configs.items()}, args.repeats, traced)
-    finally:
-        for d in deployments.values():
-            d.close()
-
-
-# ---- the profile
-def _spans(events) -> dict:
-    """Mean seconds of each (side, span name, layer) over a timeline."""
-    acc = defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X":
-            acc[e["cat"], e["name"], e["args"].get("layer")].append(e["dur"] * 1e-6)
-    return {k: statistics.fmean(v) for k, v in acc.items()}
-
-
-def _over_layers(spans: dict, side: str, name: str, first: int = 0) -> float:
-    return statistics.fmean(v for (c, n, layer), v in spans.items() if (c, n) == (side, name) and layer >= first)
-
-
-def fit_profile(traced: dict, pingpong: dict, num_layers: int) -> Profile:
-    """traced: {batch: m=1 run with events}; pingpong: {batch: m=2 run} for the per-micro-batch cost."""
-    rows, attn, attn_send, ffn_send, trip, rest = [], [], [], [], [], []
-    ffn = [[] for _ in range(num_layers)]
-    for b, run in sorted(traced.items()):
-        s = _spans(run["events"])
-        # Layer 0's attention span also holds the step's entry into its compiled graph and the
-        # embedding: a per-step cost (in `rest` below), not a per-layer one.
-        ta, sa = _over_layers(s, "attention", "attention", first=1), _over_layers(s, "attention", "send")
-        sf = _over_layers(s, "ffn", "send")
-        waits = [s["attention", "wait", l] for l in range(num_layers)]
-        tf = [s["ffn", "ffn", l] for l in range(num_layers)]
-        rows.append(b)
-        attn.append(ta)
-        attn_send.append(sa)
-        ffn_send.append(sf)
-        for per_layer, t in zip(ffn, tf):
-            per_layer.append(t)
-        trip.append(statistics.fmean(w - f - sf for w, f in zip(waits, tf)))
-        rest.append(statistics.median(run["step_times"]) - num_layers * (ta + sa) - sum(waits))
-    profile = Profile(num_layers=num_layers, attention=fit_line(rows, attn), attention_send=fit_line(rows, attn_send),
-                      ffn=[fit_line(rows, per_layer) for per_layer in ffn], ffn_send=fit_line(rows, ffn_send),
-                      round_trip=fit_line(rows, trip), step_overhead=fit_line(rows, rest), micro_batch_overhead=0.0,
-                      machine=machine_info())
-    extra = [statistics.median(run["step_times"]) - step_time(profile, b, 2) for b, run in pingpong.items()]
-    profile.micro_batch_overhead = statistics.fmean(extra)
-    return profile
-
-
-# ---- the scenario
 INSTRUMENT_US = 1e-3  # the overlap baseline: the delay connector in place, holding each message 1 ns
 
 
@@ -295,31 +64,31 @@ def run(args) -> dict:
     if len(cores) < 2:
         raise AfdError(f"the afd scenario pins each rank to its own core: needs 2 usable cores, found {len(cores)}")
     cores = cores[:2]
-    batches = _batch_sizes(args.batch_sizes or DEFAULT_BATCH_SIZES)
+    batches = parse_batch_sizes(args.batch_sizes or DEFAULT_BATCH_SIZES)
     m_values = [m for m in _ints(args.micro_batch_sweep, "micro-batch-sweep") if m >= 1]
     delays = [d for d in _ints(args.delays_us, "delays-us") if d > 0]
     overlap_batch = args.overlap_batch
-    profile_batches = sorted(set(_batch_sizes(args.profile_batches)) | set(batches))
+    profile_batches = sorted(set(parse_batch_sizes(args.profile_batches)) | set(batches))
     from afd_compile.model.loader import load_config, load_tokenizer
 
     hf = load_config(args.model)
     if args.max_model_len is None:
         args.max_model_len = min(128, hf.max_position_embeddings)
-    prompts = _prompts(load_tokenizer(args.model), max([*profile_batches, overlap_batch]))
+    prompts = demo_prompts(load_tokenizer(args.model), max([*profile_batches, overlap_batch]))
     print(f"afd bench {SCENARIO}: {args.model}, cores {cores}, batches {batches}, m {m_values}, "
           f"delays {delays} us at batch {overlap_batch}, connector {args.connector}", flush=True)
 
     def tok_s(run_, b):
-        return _tok_s(run_["step_times"], b)
+        return round_tok_s(run_["step_times"], b)
 
     measured = []  # (batch, m, delay_us, seconds per step (median))
     # m = 1 (traced) and m = 2 at the profile's batch sizes feed the cost model
     configs = {"monolithic": (batches, None, 0.0)}
     configs |= {m: (profile_batches if m in (1, 2) else batches, m, 0.0) for m in sorted({1, 2, *m_values})}
-    runs = _compare(args, cores, prompts, configs, traced={1})
+    runs = compare(args, cores, prompts, configs, traced={1})
     mono = runs.pop("monolithic")
     print("  monolithic: " + ", ".join(f"B={b} {tok_s(mono[b], b):.0f} tok/s" for b in batches), flush=True)
-    profile = fit_profile(runs[1], runs[2], hf.num_hidden_layers)
+    profile = fit_profile(runs[1], runs[2], hf.num_hidden_layers, machine_info())
     afd_runs = runs
     for m in m_values:
         print(f"  1A1F m={m}: " + ", ".join(f"B={b} {tok_s(afd_runs[m][b], b):.0f} tok/s" for b in batches),
@@ -328,7 +97,7 @@ def run(args) -> dict:
             measured.append((b, m, 0, statistics.median(afd_runs[m][b]["step_times"])))
     overlap = []
     for m in m_values:  # each m: plain, the instrument alone, and each delay, interleaved
-        cmp = _compare(args, cores, prompts, {d: ([overlap_batch], m, d) for d in [0, INSTRUMENT_US, *delays]})
+        cmp = compare(args, cores, prompts, {d: ([overlap_batch], m, d) for d in [0, INSTRUMENT_US, *delays]})
         base = cmp[INSTRUMENT_US][overlap_batch]
         t0 = statistics.median(base["step_times"])
         instrument_cost = 1 / _paired_ratio(base, cmp[0][overlap_batch])[0] - 1

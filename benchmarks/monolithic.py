@@ -59,16 +59,16 @@ DEFAULT_BATCH_SIZES = "1,16,64"
 WARMUP_TOKENS = 3  # transformers: prefill + 2 decode steps, the second running what the first set up
 
 
-def _parse_list(text: str, name: str) -> list[str]:
+def parse_list(text: str, name: str) -> list[str]:
     items = [s.strip() for s in str(text).split(",") if s.strip()]
     if not items:
         raise AfdError(f"--{name} is empty")
     return items
 
 
-def _batch_sizes(text: str) -> list[int]:
+def parse_batch_sizes(text: str) -> list[int]:
     try:
-        sizes = [int(s) for s in _parse_list(text, "batch-sizes")]
+        sizes = [int(s) for s in parse_list(text, "batch-sizes")]
     except ValueError:
         raise AfdError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
     if min(sizes) < 1:
@@ -77,14 +77,14 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def _backends(text: str | None) -> list[str]:
-    names = _parse_list(text or ",".join(BACKENDS), "backends")
+    names = parse_list(text or ",".join(BACKENDS), "backends")
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
         raise AfdError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     return list(dict.fromkeys(names))
 
 
-def _prompts(tokenizer, n: int, length: int | None = None) -> list[list[int]]:
+def demo_prompts(tokenizer, n: int, length: int | None = None) -> list[list[int]]:
     """Token ids of n chat prompts of the demo task (held-out sequences), as the engine encodes them;
     with `length`, each is extended to that many tokens by repeating its numbers (prefill runs)."""
     from afd_compile.demo.tasks import held_out_set
@@ -253,7 +253,7 @@ def run(args) -> dict:
     from afd_compile.model.loader import load_config, load_tokenizer
     from benchmarks import roofline
 
-    batch_sizes = _batch_sizes(args.batch_sizes or DEFAULT_BATCH_SIZES)
+    batch_sizes = parse_batch_sizes(args.batch_sizes or DEFAULT_BATCH_SIZES)
     names = _backends(getattr(args, "backends", None))
     steps, repeats = args.steps, getattr(args, "repeats", DEFAULT_REPEATS)
     prompt_len = getattr(args, "prompt_len", None)
@@ -267,7 +267,7 @@ def run(args) -> dict:
     # The engine holds every batch at once, in a small KV cache.
     args.max_num_seqs = max(args.max_num_seqs, max(batch_sizes))
     tokenizer = load_tokenizer(args.model)
-    prompts = _prompts(tokenizer, max(batch_sizes), prompt_len)
+    prompts = demo_prompts(tokenizer, max(batch_sizes), prompt_len)
     longest = max(map(len, prompts))
     if args.max_model_len is None:
         args.max_model_len = min(max(DEFAULT_MAX_MODEL_LEN, longest + steps), hf_config.max_position_embeddings)

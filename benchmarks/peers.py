@@ -154,20 +154,20 @@ def _figures(res: dict, short: int, long: int) -> dict:
 
 def run(args) -> dict:
     from afd_compile.model.loader import load_config, load_tokenizer
-    from benchmarks.monolithic import _batch_sizes, _parse_list, _prompts
+    from benchmarks.monolithic import demo_prompts, parse_batch_sizes, parse_list
 
-    batch_sizes = _batch_sizes(args.batch_sizes or "1,16")
-    dtypes = _parse_list(args.dtypes, "dtypes")
+    batch_sizes = parse_batch_sizes(args.batch_sizes or "1,16")
+    dtypes = parse_list(args.dtypes, "dtypes")
     bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
     if bad:
         raise AfdError(f"--dtypes: unknown {', '.join(bad)}; choose from float32, bfloat16, float16")
-    backends = _parse_list(args.backends or ",".join(BACKENDS), "backends")
+    backends = parse_list(args.backends or ",".join(BACKENDS), "backends")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise AfdError(f"unknown peer backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     short, long = 2, 2 + max(args.steps, 1)
     cfg = load_config(args.model)
-    prompts = _prompts(load_tokenizer(args.model), max(batch_sizes), getattr(args, "prompt_len", None))
+    prompts = demo_prompts(load_tokenizer(args.model), max(batch_sizes), getattr(args, "prompt_len", None))
     max_model_len = min(cfg.max_position_embeddings, max(map(len, prompts)) + long + 1)
     print(f"afd bench {SCENARIO}: {args.model}, batch sizes {batch_sizes}, dtypes {dtypes}, decode measured "
           f"as {short} -> {long} tokens, best of {args.repeats}; backends {', '.join(backends)}", flush=True)

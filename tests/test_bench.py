@@ -63,10 +63,10 @@ def test_decode_bytes_count_the_experts_each_step_routed_to(tiny_greedy_checkpoi
     from afd_compile.config import EngineConfig
     from afd_compile.engine import LLMEngine, SamplingParams
     from benchmarks import roofline
-    from benchmarks.monolithic import _prompts
+    from benchmarks.monolithic import demo_prompts
 
     engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_num_seqs=4))
-    prompts = _prompts(engine.tokenizer, 3)
+    prompts = demo_prompts(engine.tokenizer, 3)
     seen: list[dict[int, set[int]]] = []  # per decode step: layer -> experts
     moes = {i: h.mlp for i, h in enumerate(engine.model.ffn_halves) if h.is_moe}
     for i, moe in moes.items():
