@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from afd_compile.engine.sampling_params import SamplingParams
 
@@ -62,6 +62,10 @@ class SamplingRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -122,12 +126,6 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -146,9 +144,171 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
 
+    @classmethod
+    def of(cls, code: int, message: str, kind: str = "invalid_request_error",
+           param: str | None = None) -> ErrorResponse:
+        return cls(error=ErrorBody(message=message, type=kind, param=param, code=code))
+
 
 class TraceRequest(BaseModel):
     model_config = STRICT
 
     steps: int = Field(default=8, ge=1, le=1000)
     timeout: float = Field(default=30.0, gt=0, le=600)
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Reply(BaseModel):
+    """A response body. Some fields are left out while they are None (a chunk's usage, a chat
+    choice's logprobs unless asked for), others are sent as null (finish_reason, a completion
+    choice's logprobs): a class names the former in omit_none."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k not in self.omit_none}
+
+
+class Usage(Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class Envelope(Reply):
+    """What every completion and chunk starts with; `object` names the kind."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
+class ChatLogprob(Reply):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobToken(ChatLogprob):
+    top_logprobs: list[ChatLogprob]
+
+
+class ChatLogprobs(Reply):
+    content: list[ChatLogprobToken]
+
+
+class ChatChoice(Reply):
+    """A chat choice, whole or a chunk's: its logprobs only when asked for."""
+
+    omit_none = frozenset({"logprobs"})
+
+    index: int
+
+
+class ChatCompletionResponseChoice(ChatChoice):
+    message: ChatMessage
+    finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatCompletionResponseChoice]
+    usage: Usage
+
+
+class DeltaMessage(Reply):
+    """A chat chunk's delta: the role in a choice's first chunk only; {} for a last chunk without text."""
+
+    omit_none = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseStreamChoice(ChatChoice):
+    delta: DeltaMessage
+    finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionStreamResponse(Envelope):
+    """A chunk with one choice's delta, or the last one with no choices and the usage."""
+
+    omit_none = frozenset({"usage"})
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(Reply):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = []  # not computed
+
+
+class CompletionResponseChoice(Reply):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionResponse(Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionResponseChoice]
+    usage: Usage
+
+
+class CompletionStreamResponse(CompletionResponse):
+    """As OpenAI: a chunk's object is "text_completion" too; the last has no choices and the usage."""
+
+    omit_none = frozenset({"usage"})
+
+    usage: Usage | None = None
+
+
+class ModelCard(Reply):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "afd-compile"
+    max_model_len: int
+
+
+class ModelList(Reply):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(Reply):
+    omit_none = frozenset({"message"})
+
+    status: Literal["ok", "degraded"]
+    backend: str
+    message: str | None = None
+
+
+class VersionResponse(Reply):
+    version: str
+
+
+class TokenizeResponse(Reply):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(Reply):
+    prompt: str
