@@ -137,21 +137,21 @@ def _rank_main(commands, results, args, prompts, buckets, role, afd_kwargs, port
         _pin([core])
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         from afd_compile.config import AFDConfig
-        from afd_compile.roles.worker import attention_engine, leave_attention, run_ffn
+        from afd_compile.roles.worker import attention_engine, run_ffn
 
         afd = AFDConfig(afd_size="1A1F", role=role, **afd_kwargs)
         cfg = _engine_config(args, buckets)
         if role == "ffn":
             run_ffn(cfg, afd)
             return
-        engine, tracer = attention_engine(cfg, afd)
+        engine, rank = attention_engine(cfg, afd)
     except BaseException:
         results.put(("error", f"{role}: {traceback.format_exc()}"))
         return
     try:
-        _drive(commands, results, EngineBackend("1A1F", args, engine), prompts, args.steps, idle=engine.runner.idle)
+        _drive(commands, results, EngineBackend("1A1F", args, engine), prompts, args.steps, idle=rank.idle)
     finally:
-        leave_attention(engine, tracer, afd)
+        rank.close()
 
 
 def _interleaved(deployments: dict, batches: dict, repeats: int, traced=()) -> dict:

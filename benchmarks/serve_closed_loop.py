@@ -111,20 +111,20 @@ def _offline_main(results, args, deployment: str, clients: list[int], env: dict)
     from afd_compile.compile_cache import use_compile_cache
     from afd_compile.config import AFDConfig, EngineConfig
     from afd_compile.engine.llm_engine import LLMEngine
+    from afd_compile.engine.rank import Rank
     from afd_compile.engine.sampling_params import SamplingParams
 
     use_compile_cache()  # the one the servers filled: this run measures, it does not compile
     cfg = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len or MAX_MODEL_LEN,
                        dtype=args.dtype, enforce_eager=args.enforce_eager)
     if deployment == "monolithic":
-        engine, leave = LLMEngine(cfg), lambda: None
+        engine, rank = LLMEngine(cfg), Rank()
     else:
-        from afd_compile.roles.worker import attention_engine, leave_attention
+        from afd_compile.roles.worker import attention_engine
 
         afd = AFDConfig(afd_size=deployment, role="attention", rank=0, micro_batches=args.micro_batches,
                         connector=args.connector)
-        engine, tracer = attention_engine(cfg, afd)
-        leave = lambda: leave_attention(engine, tracer, afd)  # noqa: E731
+        engine, rank = attention_engine(cfg, afd)
     try:
         engine.warm_up()
         prompt = engine.tokenizer(PROMPT)["input_ids"]
@@ -138,7 +138,7 @@ def _offline_main(results, args, deployment: str, clients: list[int], env: dict)
                 out[b].append(b * args.max_tokens / (time.perf_counter() - start))
         results.put(out)
     finally:
-        leave()
+        rank.close()
 
 
 def run(args) -> dict:

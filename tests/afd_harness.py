@@ -29,10 +29,9 @@ def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict,
 
             results.put((role, rank, {"params": run_ffn(engine_cfg, afd)}))
             return
-        from afd_compile.roles.rendezvous import leave
         from afd_compile.roles.worker import attention_engine
 
-        engine, _ = attention_engine(engine_cfg, afd)
+        engine, attention = attention_engine(engine_cfg, afd)
         if warm_up:
             engine.warm_up()
         steps = engine.runner.decode_step
@@ -40,8 +39,7 @@ def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict,
         mine = list(range(rank, len(prompts), afd.topology.num_attention))
         outs = engine.generate([prompts[i] for i in mine], params) if mine else []
         param_counts = sum(p.numel() for p in engine.model.parameters())
-        engine.runner.shutdown()
-        leave()
+        attention.close()
         results.put((role, rank, {"tokens": {i: o.token_ids for i, o in zip(mine, outs)}, "params": param_counts,
                                   "warm": warm, "compiled": set(steps.compiled) - warm if steps is not None else set()}))
     except BaseException:

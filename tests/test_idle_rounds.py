@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import queue
 import time
 from types import SimpleNamespace
 
@@ -15,10 +16,12 @@ import torch
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import AFDConnector, Flag, Kind, StepHeader
 from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.engine.rank import Rank
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.model.loader import load_model
 from afd_compile.roles.ffn import FFNWorker
-from afd_compile.serve.async_engine import AsyncEngine
+from afd_compile.serve import async_engine
+from afd_compile.serve.async_engine import IDLE_WAIT_S, AsyncEngine
 from afd_compile.topology import Topology
 
 
@@ -77,40 +80,60 @@ def test_ffn_rank_flags_rounds_without_work_and_only_then_waits_patiently(tiny_g
                            (0, True), (1, True)]
 
 
-class IdleRounds:
-    """An attention rank's idle(): counts the rounds; `all_idle` is what the FFN ranks answer."""
+class IdleRounds(Rank):
+    """An attention rank's idle rounds: counts them; `all_idle` is what the FFN ranks answer."""
+
+    has_peers = True
 
     def __init__(self, all_idle: bool):
         self.all_idle, self.count = all_idle, 0
 
-    def __call__(self) -> bool:
+    def idle(self) -> bool:
         self.count += 1
         return self.all_idle
 
 
-def _idle_rounds_in(engine: LLMEngine, all_idle: bool, seconds: float) -> int:
+class WaitsRecorded(queue.Queue):
+    """The engine's command queue, answering at once: it records how long the loop would have
+    waited for a command instead of waiting (no wall clock, as test_shm_ring's fake clock)."""
+
+    waits: list[float] = []
+
+    def get(self, block=True, timeout=None):
+        if block:  # get_nowait() comes here too
+            WaitsRecorded.waits.append(timeout)
+        return super().get(block=False)
+
+
+def _waits_between_idle_rounds(engine: LLMEngine, all_idle: bool, monkeypatch) -> list[float]:
+    monkeypatch.setattr(async_engine, "queue", SimpleNamespace(Queue=WaitsRecorded, Empty=queue.Empty))
+    WaitsRecorded.waits = []
     rounds = IdleRounds(all_idle)
-    server = AsyncEngine(engine, idle=rounds)
+    server = AsyncEngine(lambda: (engine, rounds))
     try:
-        time.sleep(seconds)
-        return rounds.count
+        deadline = time.monotonic() + 30
+        while rounds.count < 12 and server.healthy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert rounds.count >= 12, server.error
+        return WaitsRecorded.waits[:10]
     finally:
         server.close()
 
 
-def test_idle_attention_rank_backs_off_only_while_no_rank_has_work(tiny_greedy_checkpoint):
-    """With every rank idle the rounds slow to one per IDLE_WAIT_S[1] (20 ms: under 50 in 0.4 s);
-    with some rank busy they follow the FFN ranks' pace (here: at once, thousands)."""
+def test_idle_attention_rank_backs_off_only_while_no_rank_has_work(tiny_greedy_checkpoint, monkeypatch):
+    """With every rank idle the wait before the next round doubles from IDLE_WAIT_S[0] up to
+    IDLE_WAIT_S[1]; with some rank busy there is no wait: the rounds follow the FFN ranks' pace."""
     engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_model_len=64))
-    assert _idle_rounds_in(engine, all_idle=True, seconds=0.4) < 50
-    assert _idle_rounds_in(engine, all_idle=False, seconds=0.4) > 200
+    first, most = IDLE_WAIT_S
+    assert _waits_between_idle_rounds(engine, True, monkeypatch) == [min(first * 2 ** i, most) for i in range(10)]
+    assert _waits_between_idle_rounds(engine, False, monkeypatch) == []
 
 
 def test_a_request_arriving_while_the_deployment_idles_is_served(tiny_greedy_checkpoint):
     engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_model_len=64))
     want = engine.generate(["1 3 5"], SamplingParams(temperature=0, max_tokens=4))[0].token_ids
     rounds = IdleRounds(all_idle=True)
-    server = AsyncEngine(engine, idle=rounds)
+    server = AsyncEngine(lambda: (engine, rounds))
     try:
         time.sleep(0.2)  # long enough for the waits between idle rounds to reach their maximum
         prompt = engine.tokenizer("1 3 5")["input_ids"]

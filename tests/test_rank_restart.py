@@ -25,6 +25,7 @@ import pytest
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import ConnectorError
 from afd_compile.engine import LLMEngine, SamplingParams
+from afd_compile.engine.rank import Rank
 from afd_compile.errors import AfdError
 from afd_compile.roles import launcher
 from afd_compile.roles.rank_spec import afd_argv
@@ -228,7 +229,13 @@ def flaky_engine(tiny_greedy_checkpoint):
 def fail_running_then_reconnect(engine, broken, reconnect) -> tuple[list, list]:
     """Runs a long request (in flight) and a short one (queued: one KV slot), breaks the link, and
     returns both requests' deltas once the server is healthy again (within 10 s)."""
-    async_engine = AsyncEngine(engine, reconnect=reconnect)
+    class Reconnecting(Rank):
+        has_peers = True
+
+        def reconnect(self):
+            reconnect()
+
+    async_engine = AsyncEngine(lambda: (engine, Reconnecting()))
 
     async def main():
         async def collect(max_tokens):

@@ -11,6 +11,7 @@ import pytest
 
 from afd_compile.config import EngineConfig
 from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.engine.rank import Rank
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.errors import AfdError
 from afd_compile.roles.rendezvous import core_share
@@ -20,7 +21,7 @@ from afd_compile.serve.async_engine import AsyncEngine
 def test_the_engine_is_built_and_stepped_on_the_engine_thread(tiny_greedy_checkpoint):
     threads = {}
 
-    def parts() -> dict:
+    def build():
         threads["build"] = threading.get_ident()
         engine = LLMEngine(EngineConfig(model=tiny_greedy_checkpoint, enforce_eager=True, max_model_len=64))
         step = engine.step
@@ -30,9 +31,9 @@ def test_the_engine_is_built_and_stepped_on_the_engine_thread(tiny_greedy_checkp
             return step()
 
         engine.step = recorded_step
-        return dict(engine=engine)
+        return engine, Rank()
 
-    server = AsyncEngine.build(parts)
+    server = AsyncEngine(build)
     try:
         prompt = server.engine.tokenizer("1 3 5")["input_ids"]
 
@@ -47,11 +48,11 @@ def test_the_engine_is_built_and_stepped_on_the_engine_thread(tiny_greedy_checkp
 
 
 def test_a_failed_build_is_raised_to_the_caller():
-    def parts() -> dict:
+    def build():
         raise AfdError("no such model")
 
     with pytest.raises(AfdError, match="no such model"):
-        AsyncEngine.build(parts)
+        AsyncEngine(build)
 
 
 def test_ranks_on_one_host_share_its_cores():

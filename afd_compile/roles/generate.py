@@ -19,9 +19,9 @@ from afd_compile.roles.rendezvous import local_launch_env
 
 def attention_rank_generate(engine_cfg: EngineConfig, afd: AFDConfig, prompts: list, params: SamplingParams,
                             chat: bool) -> None:
-    from afd_compile.roles.worker import attention_engine, leave_attention
+    from afd_compile.roles.worker import attention_engine
 
-    engine, tracer = attention_engine(engine_cfg, afd)
+    engine, rank = attention_engine(engine_cfg, afd)
     mine = list(range(afd.rank, len(prompts), afd.topology.num_attention))
     try:
         encoded = [engine.encode_chat([{"role": "user", "content": prompts[i]}]) if chat else prompts[i] for i in mine]
@@ -29,7 +29,7 @@ def attention_rank_generate(engine_cfg: EngineConfig, afd: AFDConfig, prompts: l
         for i, c in zip(mine, completions):
             print(json.dumps({"index": i, "text": c.text, "token_ids": c.token_ids}), flush=True)
     finally:
-        leave_attention(engine, tracer, afd)
+        rank.close()
 
 
 def launch_generate(afd_size: str, options: list[str], attention_extra: list[str], num_prompts: int,

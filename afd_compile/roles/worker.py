@@ -17,6 +17,7 @@ from afd_compile.model.ffn_half import clear_expert_parallel, set_expert_paralle
 from afd_compile.model.loader import load_config, load_model
 from afd_compile.roles import rendezvous
 from afd_compile.roles.attention import AFDModelRunner
+from afd_compile.roles.attention_rank import AttentionRank
 from afd_compile.roles.rank_spec import cluster_rank
 from afd_compile.roles.ffn import FFNWorker, GracefulStop
 from afd_compile.trace import Tracer
@@ -117,8 +118,8 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
         rendezvous.leave()
 
 
-def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngine, Tracer]:
-    """Joins as an attention rank and returns its engine; call engine.runner.shutdown() when done."""
+def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngine, AttentionRank]:
+    """Joins as an attention rank: its engine, and the rank (close it when done)."""
     hf = _check(engine_cfg, afd)
     engine_cfg = _rank_device(engine_cfg, afd)
     topo = afd.topology
@@ -130,27 +131,4 @@ def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngin
     connector = _connector(afd, world, hf, engine_cfg)
     engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
         m, engine_cfg, n, connector, afd.micro_batches, tracer, world))
-    return engine, tracer
-
-
-def rejoin_attention(engine: LLMEngine, afd: AFDConfig) -> None:
-    """After the links broke (a peer died): joins the world's next generation and continues on
-    new links. Raises AfdError if it does not form within the connector timeout."""
-    runner = engine.runner
-    try:
-        runner.connector.close()
-    except Exception as e:  # a half-broken link must not keep this rank from rejoining
-        log.warning("closing the broken links: %s", e)
-    world = rendezvous.join(afd.topology, "attention", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl",
-                            previous=runner.world)
-    runner.reconnect(_connector(afd, world, engine.model.cfg, engine.config), world)
-
-
-def leave_attention(engine: LLMEngine, tracer: Tracer, afd: AFDConfig) -> None:
-    """An attention rank's exit: tell the FFN ranks, save the trace, leave the world."""
-    try:
-        engine.runner.shutdown()
-    finally:
-        if afd.trace:
-            tracer.save(afd.trace)
-        rendezvous.leave()
+    return engine, AttentionRank(engine.runner, afd, tracer, lambda w: _connector(afd, w, hf, engine_cfg))

@@ -1,15 +1,17 @@
 """Runs the engine on its own thread and streams each request's new tokens to asyncio tasks: in
 `afd serve`, those of the engine core process (engine_core.py), which relay them to the API.
 
-The engine is single-threaded by design: only the loop thread touches it. Callers send
-"add" and "abort" commands through a queue and read deltas from a per-request asyncio.Queue.
+The engine is single-threaded by design: only the loop thread touches it. Callers queue typed
+commands (the engine core's own messages: AddRequest, AbortRequest, Shutdown; and Listen,
+RecordTrace in-process) and read deltas from a per-request asyncio.Queue or the sink.
 Between steps the loop admits new requests, so they join the running batch (continuous
-batching). An AFD attention rank with nothing to do keeps its FFN ranks in step with `idle()`
-rounds; while no rank has work it waits for a request between them, up to IDLE_WAIT_S.
+batching). The engine's rank (engine.rank.Rank) is all the loop knows of a deployment: an AFD
+attention rank with nothing to do keeps its FFN ranks in step with `idle()` rounds; while no
+rank has work it waits for a request between them, up to IDLE_WAIT_S.
 
 When an AFD step fails (a peer died), the requests that were running fail at once; the loop
-then re-forms the AFD world with `reconnect()` while queued requests wait for it, and the
-server reports itself degraded until it is back.
+then re-forms the AFD world with the rank's `reconnect()` while queued requests wait for it,
+and the server reports itself degraded until it is back.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.engine.rank import Rank
 from afd_compile.engine.sampling_params import SamplingParams
 from afd_compile.engine.sequence import Sequence
 from afd_compile.errors import AfdError, NothingToRecord
+from afd_compile.serve import messages as m
 from afd_compile.serve.metrics import Metrics, StatLogger
 
 log = logging.getLogger("afd.serve")
@@ -61,30 +65,54 @@ class _Stream:
     first_token_at: float | None = None
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, idle: Callable[[], bool] | None = None, metrics: Metrics | None = None,
-                 on_exit: Callable[[], None] | None = None, reconnect: Callable[[], None] | None = None):
-        """idle: an AFD attention rank's idle round, returning whether no rank had work in it.
-        reconnect: re-forms an AFD rank's links after a step failed, raising if it cannot within
-        its timeout (it is then tried again). Without it, a failed step ends the engine."""
-        self._setup(engine, idle, metrics, on_exit, reconnect)
-        self.thread = threading.Thread(target=self._loop, name="afd-engine", daemon=True)
-        self.thread.start()
+@dataclass
+class Listen:
+    """A request whose deltas go to an asyncio queue of this process (generate()), not to the sink."""
+    request: m.AddRequest
+    target: tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
-    @classmethod
-    def build(cls, parts: Callable[[], dict]) -> AsyncEngine:
-        """An AsyncEngine whose engine thread first runs parts() (the constructor's arguments:
-        loading the model, compiling it) and then serves. So that thread alone runs torch, and
-        libgomp keeps its OpenMP workers spinning between a step's parallel loops: with a second
-        thread's OpenMP pool alive (the one that built the engine) there are more OpenMP threads
-        than cores, and libgomp has them sleep at once, a futex wake-up per loop: a batch-1 step
-        measured 2.7 ms on the engine thread against 0.21 ms on the thread that built it."""
-        self = cls.__new__(cls)
+
+@dataclass
+class RecordTrace:
+    steps: int
+    timeout_s: float
+    future: asyncio.Future
+
+
+# The loop's commands: the engine core's messages themselves, and this process's own two.
+Command = m.AddRequest | m.AbortRequest | m.Shutdown | Listen | RecordTrace
+
+
+class AsyncEngine:
+    def __init__(self, build: Callable[[], tuple[LLMEngine, Rank]], metrics: Metrics | None = None):
+        """build() makes the engine and the rank it runs on (engine.rank.Rank for a monolithic
+        one); it runs on the engine thread, which then serves, and its exception is raised here.
+        So that thread alone runs torch, and libgomp keeps its OpenMP workers spinning between a
+        step's parallel loops: with a second thread's OpenMP pool alive (the one that built the
+        engine) there are more OpenMP threads than cores, and libgomp has them sleep at once, a
+        futex wake-up per loop: a batch-1 step measured 2.7 ms on the engine thread against
+        0.21 ms on the thread that built it."""
+        # Set by the engine core before its first submit(): called on the engine thread with each
+        # step's [(request_id, Delta)], one call a step instead of a wake-up per request.
+        self.sink: Callable[[list[tuple[str, Delta]]], None] | None = None
+        self.metrics = metrics or Metrics()
+        self.stat_logger = StatLogger()
+        self.commands: queue.Queue[Command] = queue.Queue()
+        self.streams: dict[str, _Stream] = {}
+        self.error: str | None = None
+        self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
+        self._stopped = threading.Event()
+        self._step_started: float | None = None  # while the loop is inside a step or an idle round
+        # The pending recording of record_trace: (steps, timeout_s, deadline, the futures of every
+        # caller sharing it).
+        self._trace: tuple[int, float, float, list[asyncio.Future]] | None = None
         built, failure = threading.Event(), []
 
         def run() -> None:
             try:
-                self._setup(**parts())
+                self.engine, self.rank = build()
+                scheduler, slots = self.engine.scheduler, self.engine.config.max_num_seqs
+                self.metrics.watch_kv_cache(lambda: len(scheduler.free_slots), slots)
             except BaseException as e:  # handed to the caller, which raises it
                 failure.append(e)
                 return
@@ -97,26 +125,10 @@ class AsyncEngine:
         built.wait()
         if failure:
             raise failure[0]
-        return self
 
-    def _setup(self, engine: LLMEngine, idle=None, metrics: Metrics | None = None, on_exit=None,
-               reconnect=None) -> None:
-        self.engine, self.idle, self.on_exit, self.reconnect = engine, idle, on_exit, reconnect
-        # Set by the engine core before its first submit(): called on the engine thread with each
-        # step's [(request_id, Delta)], one call a step instead of a wake-up per request.
-        self.sink: Callable[[list[tuple[str, Delta]]], None] | None = None
-        self.metrics = metrics or Metrics()
-        self.stat_logger = StatLogger()
-        self.metrics.watch_kv_cache(lambda: len(engine.scheduler.free_slots), engine.config.max_num_seqs)
-        self.commands: queue.Queue = queue.Queue()
-        self.streams: dict[str, _Stream] = {}
-        self.error: str | None = None
-        self.reconnecting = False  # degraded: the links are being re-formed, queued requests wait
-        self._stopped = threading.Event()
-        self._step_started: float | None = None  # while the loop is inside a step or an idle round
-        # The pending recording of record_trace: (steps, timeout_s, deadline, the futures of every
-        # caller sharing it).
-        self._trace: tuple[int, float, float, list[asyncio.Future]] | None = None
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     @property
     def healthy(self) -> bool:
@@ -135,7 +147,7 @@ class AsyncEngine:
             return
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        self.commands.put(("add", request_id, prompt_token_ids, params, (loop, out)))
+        self.commands.put(Listen(m.AddRequest(request_id, prompt_token_ids, params), (loop, out)))
         finished, get = False, None
         try:
             while True:
@@ -159,27 +171,27 @@ class AsyncEngine:
             if not finished:  # the caller went away, admitted or not yet: free its KV slot
                 self.abort(request_id)
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queues a request whose deltas go to the sink (any thread)."""
-        self.commands.put(("add", request_id, prompt_token_ids, params, None))
+    def submit(self, command: m.AddRequest | m.AbortRequest) -> None:
+        """Queues a request whose deltas go to the sink, or aborts one (any thread)."""
+        self.commands.put(command)
 
     def abort(self, request_id: str) -> None:
         """Aborts a request, admitted or still queued (any thread)."""
-        self.commands.put(("abort", request_id))
+        self.commands.put(m.AbortRequest(request_id))
 
     async def record_trace(self, steps: int, timeout_s: float) -> dict:
         """Chrome trace of the next `steps` engine steps on every rank (AFD deployments only).
         Steps happen only while requests run: with none running or queued, NothingToRecord at
         once; after timeout_s what was recorded is returned, or NothingToRecord if no step ran."""
-        if not hasattr(self.engine.runner, "record_trace"):
-            raise AfdError("traces record the ranks of an AFD deployment; this server is monolithic")
+        if not self.rank.has_peers:
+            self.rank.record_trace(steps)  # a monolithic rank raises why it has nothing to record
         future = asyncio.get_running_loop().create_future()
-        self.commands.put(("trace", steps, timeout_s, future))
+        self.commands.put(RecordTrace(steps, timeout_s, future))
         return await future
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._stopped.set()
-        self.commands.put(("stop",))
+        self.commands.put(m.Shutdown())
         # Re-forming the AFD world, the loop is blocked in the rendezvous and has no peer to say
         # goodbye to: do not wait for it.
         self.thread.join(0 if self.reconnecting else timeout_s)
@@ -197,11 +209,10 @@ class AsyncEngine:
             self._deliver([(rid, stream.target, Delta(error=self.error)) for rid, stream in self.streams.items()])
             self.streams.clear()
         finally:
-            if self.on_exit is not None:
-                try:
-                    self.on_exit()
-                except Exception as e:
-                    log.warning("shutdown: %s", e)
+            try:
+                self.rank.close()
+            except Exception as e:
+                log.warning("shutdown: %s", e)
 
     def _serve(self) -> str | None:
         """Runs steps until stopped (None), or on a rank that can reconnect, until a step fails: why."""
@@ -211,12 +222,12 @@ class AsyncEngine:
                 busy = self.engine.scheduler.has_work()
                 # Idle, a monolithic engine waits for a request (in slices, to notice a stop); an AFD
                 # rank's idle rounds pace its wait.
-                self._drain(0.0 if busy else 0.05 if self.idle is None else idle_wait)
+                self._drain(0.0 if busy else idle_wait if self.rank.has_peers else 0.05)
                 if self.engine.scheduler.has_work():
                     self._publish(self._timed(self.engine.step))
                     idle_wait = 0.0
-                elif self.idle is not None and not self._stopped.is_set():
-                    all_idle = self._timed(self.idle)
+                elif self.rank.has_peers and not self._stopped.is_set():
+                    all_idle = self._timed(self.rank.idle)
                     idle_wait = min(max(2 * idle_wait, IDLE_WAIT_S[0]), IDLE_WAIT_S[1]) if all_idle else 0.0
                 scheduler = self.engine.scheduler
                 self.metrics.set_queue(len(scheduler.running), len(scheduler.waiting))
@@ -225,7 +236,7 @@ class AsyncEngine:
                                       slots)
                 self._finish_trace()
         except Exception as e:
-            if self.reconnect is None:
+            if not self.rank.has_peers:
                 raise
             return f"{type(e).__name__}: {e}"  # only the text: the failed step's links must be freed
         return None
@@ -243,7 +254,7 @@ class AsyncEngine:
         started = self._step_started
         if started is None or time.monotonic() - started < STALL_LIMIT_S:
             return None
-        what = "waiting for the FFN ranks" if self.idle is not None else "running"
+        what = "waiting for the FFN ranks" if self.rank.has_peers else "running"
         return f"the engine's current step has been {what} for {time.monotonic() - started:.0f} s"
 
     def _recover(self, failure: str) -> None:
@@ -259,7 +270,7 @@ class AsyncEngine:
             self._trace = None
         while not self._stopped.is_set():
             try:
-                self.reconnect()
+                self.rank.reconnect()
             except Exception as e:
                 log.error("re-forming the AFD world failed: %s", e)
                 self._drain(0.0)
@@ -305,13 +316,12 @@ class AsyncEngine:
         if self._trace is None:
             return
         steps, timeout_s, deadline, futures = self._trace
-        runner = self.engine.runner
-        if runner.trace_remaining > 0 and time.monotonic() < deadline:
+        if self.rank.trace_remaining > 0 and time.monotonic() < deadline:
             return
         self._trace = None
-        recorded = steps - runner.trace_remaining
+        recorded = steps - self.rank.trace_remaining
         try:
-            result = runner.collect_trace(timeout_s=10)
+            result = self.rank.collect_trace(timeout_s=10)
         except Exception as e:  # the futures must be answered; a dead link also ends the loop
             for future in futures:
                 future.get_loop().call_soon_threadsafe(future.set_exception, e)
@@ -322,40 +332,45 @@ class AsyncEngine:
             future.get_loop().call_soon_threadsafe(
                 future.set_exception if isinstance(result, Exception) else future.set_result, result)
 
-    def _apply(self, command) -> None:
-        if command[0] == "trace":
-            _, steps, timeout_s, future = command
-            if self._trace is not None:  # a recording is under way: this caller shares it
-                self._trace[3].append(future)
-                return
-            if not self.engine.scheduler.has_work():
-                future.get_loop().call_soon_threadsafe(future.set_exception, NothingToRecord(
-                    "no request is running, so there is no step to record: send requests, then ask for the trace "
-                    "while they run (it records the next steps that run, for up to `timeout` seconds)"))
-                return
-            self.engine.runner.record_trace(steps)
-            self._trace = (steps, timeout_s, time.monotonic() + timeout_s, [future])
-            return
-        if command[0] == "add":
-            _, request_id, prompt, params, target = command
-            try:
-                seq = self.engine.add_request(prompt, params, request_id)
-            except AfdError as e:
-                self._deliver([(request_id, target, Delta(bad_request=str(e)))])
-                return
-            except Exception as e:  # refuse this request only; the engine and the others go on
-                log.exception("add_request failed")
-                self._deliver([(request_id, target, Delta(bad_request=f"{type(e).__name__}: {e}"))])
-                return
-            self.streams[seq.request_id] = _Stream(target, seq, time.monotonic())
-            self.metrics.requests.inc()
-        elif command[0] == "abort":
-            stream = self.streams.pop(command[1], None)
-            self.engine.abort(command[1])
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, RecordTrace):
+            self._start_trace(command)
+        elif isinstance(command, (m.AddRequest, Listen)):
+            request, target = (command.request, command.target) if isinstance(command, Listen) else (command, None)
+            self._add(request, target)
+        elif isinstance(command, m.AbortRequest):
+            stream = self.streams.pop(command.request_id, None)
+            self.engine.abort(command.request_id)
             if stream is not None:  # a caller still listening (a server's deadline) sees how it ended
                 now = time.monotonic()
                 self.metrics.finished(stream.seq, now - stream.arrival, now - (stream.first_token_at or now))
-                self._deliver([(command[1], stream.target, _next_delta(stream))])
+                self._deliver([(command.request_id, stream.target, _next_delta(stream))])
+
+    def _start_trace(self, command: RecordTrace) -> None:
+        future = command.future
+        if self._trace is not None:  # a recording is under way: this caller shares it
+            self._trace[3].append(future)
+            return
+        if not self.engine.scheduler.has_work():
+            future.get_loop().call_soon_threadsafe(future.set_exception, NothingToRecord(
+                "no request is running, so there is no step to record: send requests, then ask for the trace "
+                "while they run (it records the next steps that run, for up to `timeout` seconds)"))
+            return
+        self.rank.record_trace(command.steps)
+        self._trace = (command.steps, command.timeout_s, time.monotonic() + command.timeout_s, [future])
+
+    def _add(self, request: m.AddRequest, target) -> None:
+        try:
+            seq = self.engine.add_request(request.prompt_token_ids, request.params, request.request_id)
+        except AfdError as e:
+            self._deliver([(request.request_id, target, Delta(bad_request=str(e)))])
+            return
+        except Exception as e:  # refuse this request only; the engine and the others go on
+            log.exception("add_request failed")
+            self._deliver([(request.request_id, target, Delta(bad_request=f"{type(e).__name__}: {e}"))])
+            return
+        self.streams[seq.request_id] = _Stream(target, seq, time.monotonic())
+        self.metrics.requests.inc()
 
     def _publish(self, seqs: list[Sequence]) -> None:
         now = time.monotonic()

@@ -29,6 +29,8 @@ import zmq.asyncio
 
 from afd_compile import compile_cache
 from afd_compile.config import AFDConfig, EngineConfig
+from afd_compile.engine.llm_engine import LLMEngine
+from afd_compile.engine.rank import Rank
 from afd_compile.errors import AfdError, NothingToRecord
 from afd_compile.serve import messages as m
 from afd_compile.serve.async_engine import AsyncEngine
@@ -55,34 +57,30 @@ def reserve_cpus() -> None:
 
 
 def make_async_engine(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool) -> tuple[AsyncEngine, str]:
-    """The engine, built on its own thread (AsyncEngine.build). warmup: compiles every decode
+    """The engine, built on its own thread (see AsyncEngine). warmup: compiles every decode
     shape before the engine serves (see LLMEngine.warm_up)."""
     metrics = Metrics()
 
-    def parts() -> dict:  # AsyncEngine's arguments, made on its engine thread
+    def build() -> tuple[LLMEngine, Rank]:  # on the engine thread
         reserve_cpus()
         start = time.monotonic()
         if afd is None:
-            from afd_compile.engine.llm_engine import LLMEngine
-
-            engine, rank = LLMEngine(engine_cfg), {}
+            engine, rank = LLMEngine(engine_cfg), Rank()
         else:
-            from afd_compile.roles.worker import attention_engine, leave_attention, rejoin_attention
+            from afd_compile.roles.worker import attention_engine
 
-            engine, tracer = attention_engine(engine_cfg, afd)
-            rank = dict(idle=engine.runner.idle, on_exit=lambda: leave_attention(engine, tracer, afd),
-                        reconnect=lambda: rejoin_attention(engine, afd))
+            engine, rank = attention_engine(engine_cfg, afd)
         loaded = time.monotonic()
         log.info("start-up: model loaded%s in %.1f s", "" if afd is None else " and AFD world formed", loaded - start)
         if warmup:
             engine.warm_up()
             log.info("start-up: every decode shape compiled in %.1f s (inductor cache %s)", time.monotonic() - loaded,
                      os.environ.get(compile_cache.ENV, "inductor's default"))
-        if afd is not None:  # after the warm-up: its waits are not the deployment's latency
-            engine.runner.wait_observer = lambda layer, s: metrics.connector_latency.labels(str(layer)).observe(s)
-        return dict(engine=engine, metrics=metrics, **rank)
+        # after the warm-up: its waits are not the deployment's latency
+        rank.observe_waits(lambda layer, s: metrics.connector_latency.labels(str(layer)).observe(s))
+        return engine, rank
 
-    return AsyncEngine.build(parts), "monolithic" if afd is None else f"AFD {afd.topology}"
+    return AsyncEngine(build, metrics), "monolithic" if afd is None else f"AFD {afd.topology}"
 
 
 def run(engine_cfg: EngineConfig, afd: AFDConfig | None, warmup: bool, to_core: str, from_core: str,
@@ -137,7 +135,7 @@ class _Relay:
         await self.outbox.send(m.encode(message))
 
     async def serve(self) -> None:
-        await self.send(m.Ready(self.engine.engine.max_model_len, self.backend))
+        await self.send(m.Ready(self.engine.max_model_len, self.backend))
         watcher = asyncio.create_task(self.watch_state())
         try:
             while True:
@@ -161,10 +159,8 @@ class _Relay:
                      d.bad_request) for rid, d in deltas])))
 
     def handle(self, message) -> None:
-        if isinstance(message, m.AddRequest):
-            self.engine.submit(message.request_id, message.prompt_token_ids, message.params)
-        elif isinstance(message, m.AbortRequest):
-            self.engine.abort(message.request_id)
+        if isinstance(message, (m.AddRequest, m.AbortRequest)):
+            self.engine.submit(message)
         elif isinstance(message, m.StartTrace):
             asyncio.create_task(self.trace(message))
         elif isinstance(message, m.GetMetrics):
