@@ -110,15 +110,10 @@ class LLMEngine:
         return self.runner.decode(batch.seqs)
 
     def _postprocess(self, batch: ScheduledBatch, logits) -> list[Sequence]:
-        if batch.is_prefill:
-            for seq, n in zip(batch.seqs, batch.chunk_lens):
-                seq.num_computed += n
-            done = [i for i, s in enumerate(batch.seqs) if not s.is_prefill]  # whole prompt now cached
-            seqs, logits = [batch.seqs[i] for i in done], logits[done]
-        else:
-            seqs = batch.seqs
-            for seq in seqs:
-                seq.num_computed = len(seq)
+        due = self.scheduler.computed(batch)
+        seqs = [batch.seqs[i] for i in due]
+        if len(due) < len(batch.seqs):  # prefills with prompt chunks still to compute
+            logits = logits[due]
         sampled = self.sampler(logits, seqs)
         for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
             self.scheduler.append_token(seq, token)

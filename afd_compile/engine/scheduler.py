@@ -72,6 +72,18 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.slot = None
 
+    def computed(self, batch: ScheduledBatch) -> list[int]:
+        """Records the tokens a step computed (a prefill's chunks, a decode's one token each);
+        returns the indices in batch.seqs of the sequences now due a sampled token: all of a
+        decode, and of a prefill those whose whole prompt is now cached."""
+        if not batch.is_prefill:
+            for seq in batch.seqs:
+                seq.num_computed = len(seq)
+            return list(range(len(batch.seqs)))
+        for seq, n in zip(batch.seqs, batch.chunk_lens):
+            seq.num_computed += n
+        return [i for i, seq in enumerate(batch.seqs) if not seq.is_prefill]
+
     def append_token(self, seq: Sequence, token: int) -> None:
         """Records a sampled token and finishes the sequence on EOS / stop id / max_tokens / context."""
         seq.output_token_ids.append(token)
