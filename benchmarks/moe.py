@@ -66,13 +66,13 @@ def _deepspeed_impl(w13, w2, num_experts, top_k):
     """DeepSpeed's MOELayer on a one-rank gloo group, with the routing fixed by the caller."""
     import torch.distributed as dist
 
-    from afd_compile.model.deepspeed_moe import deepspeed_routed
+    from afd_compile.model.deepspeed_moe import deepspeed_layer
     from afd_compile.model.ffn_half import Experts
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
 
-    class Layer(torch.nn.Module):  # the attributes deepspeed_routed reads from a MoE layer
+    class Layer(torch.nn.Module):  # the attributes deepspeed_layer reads from a MoE layer
         def __init__(self):
             super().__init__()
             self.experts = Experts(*w13.shape[:1], w2.shape[1], w2.shape[2])
@@ -84,11 +84,11 @@ def _deepspeed_impl(w13, w2, num_experts, top_k):
             return self.routing
 
     layer = Layer()
-    routed = deepspeed_routed(layer, 1, dist.group.WORLD)
+    routed = deepspeed_layer(layer, 1, dist.group.WORLD)
 
     def run(x, topk_weights, topk_ids, w13_, w2_):
         layer.routing = (topk_weights, topk_ids)
-        return routed(x)
+        return routed(x, None)
 
     return run
 

@@ -123,7 +123,7 @@ def test_a_closed_endpoint_is_a_clear_error(inputs):
     xs, w = inputs
     ep = Endpoint(RecordingFFN(), Tracer("a", 0), "attention")
     ep.close()
-    with pytest.raises(RuntimeError, match=f"AFD endpoint {ep.id} is closed"):
+    with pytest.raises(RuntimeError, match=f"AFD endpoint {ep.id} was released"):
         pipeline(xs, w, ep.id)
 
 

@@ -13,32 +13,20 @@ Needs NCCL >= 2.9.6 for capture. Not exercised on CPU-only machines (tests skip 
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.distributed as dist
 
-from afd_compile.connector.base import ConnectorError
 from afd_compile.connector.gloo import GlooConnector
+from afd_compile.connector.registry import Registry
 
-_GROUPS: dict[int, dist.ProcessGroup] = {}  # custom ops take ints; the NCCL group is looked up here
-# Keys are never reused (unlike id(), once a broken world's group is freed), so a key left from
-# an earlier generation of the AFD world can never find the current generation's group.
-_GROUP_IDS = itertools.count()
-
-
-def _group(group_id: int) -> dist.ProcessGroup:
-    try:
-        return _GROUPS[group_id]
-    except KeyError:
-        raise ConnectorError(f"NCCL group {group_id} was released: its connector (an earlier generation of the "
-                             "AFD world) is closed") from None
+_GROUPS: Registry[dist.ProcessGroup] = Registry("NCCL group")  # the ops below take its ids
 
 
 @torch.library.custom_op("afd::send_recv", mutates_args=("out",))
 def send_recv(x: torch.Tensor, out: torch.Tensor, peer: int, group_id: int) -> None:
     """Sends x to peer and receives out from it, as one NCCL group."""
-    group = _group(group_id)
+    group = _GROUPS[group_id]
     works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer, group),
                                     dist.P2POp(dist.irecv, out, peer, group)])
     for work in works:
@@ -52,7 +40,7 @@ def _(x, out, peer, group_id):
 
 @torch.library.custom_op("afd::recv", mutates_args=("out",))
 def recv(out: torch.Tensor, peer: int, group_id: int) -> None:
-    dist.recv(out, peer, group=_group(group_id))
+    dist.recv(out, peer, group=_GROUPS[group_id])
 
 
 @recv.register_fake
@@ -62,7 +50,7 @@ def _(out, peer, group_id):
 
 @torch.library.custom_op("afd::send", mutates_args=())
 def send(x: torch.Tensor, peer: int, group_id: int) -> torch.Tensor:
-    dist.send(x, peer, group=_group(group_id))
+    dist.send(x, peer, group=_GROUPS[group_id])
     return x.new_empty(0)  # a result keeps the op from being dropped as dead code
 
 
@@ -81,8 +69,7 @@ class NcclConnector(GlooConnector):
     def __init__(self, peer_ranks: dict[int, int], hidden_size: int, dtype: torch.dtype, timeout_s: float,
                  nccl_group: dist.ProcessGroup, device: torch.device):
         super().__init__(peer_ranks, hidden_size, dtype, timeout_s)
-        self.group_id = next(_GROUP_IDS)
-        _GROUPS[self.group_id] = nccl_group
+        self.group_id = _GROUPS.add(nccl_group)
         self.device = device
         # Transfers run on their own stream so the attention of micro-batch k+1 (compute
         # stream) overlaps the wait for micro-batch k's FFN output (this stream).
@@ -117,4 +104,4 @@ class NcclConnector(GlooConnector):
         super().close()
         # The registry's reference would keep the broken world's NCCL group (its communicator and
         # sockets) alive after the rank rejoins a new generation.
-        _GROUPS.pop(self.group_id, None)
+        _GROUPS.remove(self.group_id)

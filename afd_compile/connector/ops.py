@@ -20,17 +20,16 @@ call where custom_op's wrappers cost ~4.
 
 from __future__ import annotations
 
-import itertools
 import time
 from contextlib import contextmanager
 
 import torch
 
 from afd_compile.connector.base import AFDConnector
+from afd_compile.connector.registry import Registry
 from afd_compile.trace import Tracer
 
-_ENDPOINTS: dict[int, "Endpoint"] = {}
-_IDS = itertools.count()  # never reused, so a graph compiled for a closed endpoint cannot find a new one
+_ENDPOINTS: Registry[Endpoint] = Registry("AFD endpoint")
 
 
 class Endpoint:
@@ -40,8 +39,7 @@ class Endpoint:
     compiled round depends only on each micro-batch's total rows, not on how peers split them."""
 
     def __init__(self, connector: AFDConnector, tracer: Tracer, compute: str):
-        self.id = next(_IDS)
-        _ENDPOINTS[self.id] = self
+        self.id = _ENDPOINTS.add(self)
         self.connector, self.tracer, self.compute = connector, tracer, compute
         self.plan: list[list[tuple[int, int]]] = []
         self.step, self.phase = 0, "decode"
@@ -73,7 +71,7 @@ class Endpoint:
             self.connector = saved
 
     def close(self) -> None:
-        _ENDPOINTS.pop(self.id, None)
+        _ENDPOINTS.remove(self.id)
 
     def _transfer(self, name: str, fn, layer: int, micro_batch: int, *args):
         """Runs fn(*args) as the transfer `name` ("send" or "wait") of (layer, micro_batch)."""
@@ -147,13 +145,6 @@ class Loopback(AFDConnector):
         pass
 
 
-def _endpoint(endpoint_id: int) -> Endpoint:
-    try:
-        return _ENDPOINTS[endpoint_id]
-    except KeyError:
-        raise RuntimeError(f"AFD endpoint {endpoint_id} is closed") from None
-
-
 _lib = torch.library.Library("afd", "FRAGMENT")
 _lib.define("send_attn_output(Tensor x, Tensor after, int endpoint, int layer, int micro_batch) -> Tensor")
 _lib.define("recv_ffn_output(Tensor like, Tensor after, int endpoint, int layer, int micro_batch) -> Tensor")
@@ -168,7 +159,7 @@ def _token(x: torch.Tensor) -> torch.Tensor:
 
 # ---- attention side
 def send_attn_output(x: torch.Tensor, after: torch.Tensor, endpoint: int, layer: int, micro_batch: int) -> torch.Tensor:
-    ep = _endpoint(endpoint)
+    ep = _ENDPOINTS[endpoint]
     ep._transfer("send", ep.connector.send_attn_output, layer, micro_batch, x, micro_batch)
     return _token(x)
 
@@ -176,7 +167,7 @@ def send_attn_output(x: torch.Tensor, after: torch.Tensor, endpoint: int, layer:
 def recv_ffn_output(like: torch.Tensor, after: torch.Tensor, endpoint: int, layer: int,
                     micro_batch: int) -> torch.Tensor:
     """The FFN output of the oldest send of micro_batch, shaped like what was sent."""
-    ep = _endpoint(endpoint)
+    ep = _ENDPOINTS[endpoint]
     return ep._transfer("wait", ep.connector.recv_ffn_output, layer, micro_batch, micro_batch)
 
 
@@ -184,12 +175,12 @@ def recv_ffn_output(like: torch.Tensor, after: torch.Tensor, endpoint: int, laye
 def recv_attn_output(after: torch.Tensor, endpoint: int, tokens: int, hidden: int, layer: int,
                      micro_batch: int) -> torch.Tensor:
     """Micro-batch micro_batch of every peer in the round's plan, concatenated: [tokens, hidden]."""
-    ep = _endpoint(endpoint)
+    ep = _ENDPOINTS[endpoint]
     return ep._transfer("wait", ep._gather, layer, micro_batch, micro_batch)
 
 
 def send_ffn_output(y: torch.Tensor, after: torch.Tensor, endpoint: int, layer: int, micro_batch: int) -> torch.Tensor:
-    ep = _endpoint(endpoint)
+    ep = _ENDPOINTS[endpoint]
     ep._transfer("send", ep._scatter, layer, micro_batch, y, micro_batch)
     return _token(y)
 

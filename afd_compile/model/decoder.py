@@ -35,7 +35,7 @@ def padded_batch(seqs: list[list[int]], scratch: int):
 
 
 class DeepseekV2(nn.Module):
-    def __init__(self, cfg, part: str = "all", ep_rank: int = 0, ep_size: int = 1):
+    def __init__(self, cfg, part: str = "all", ep_rank: int = 0, ep_size: int = 1, ep_dispatch: str = "sort"):
         super().__init__()
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
@@ -49,7 +49,7 @@ class DeepseekV2(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.has_ffn:
-            self.ffn_halves = nn.ModuleList(FFNHalf(cfg, i, ep_rank, ep_size) for i in range(n))
+            self.ffn_halves = nn.ModuleList(FFNHalf(cfg, i, ep_rank, ep_size, ep_dispatch) for i in range(n))
 
     def setup_caches(self, slots: int, max_seq: int) -> None:
         """Allocates the KV caches and rope tables (after weights are loaded, so not on meta)."""

@@ -66,12 +66,13 @@ class StackedExperts(nn.Module):
         return y.view(x.shape[1], x.shape[0], x.shape[2], -1).transpose(0, 1)
 
 
-def deepspeed_routed(moe, ep_size: int, group):
-    """moe's routed-expert function, expert-parallel through DeepSpeed's MOELayer."""
+def deepspeed_layer(moe, ep_size: int, group):
+    """DeepSpeed's MOELayer over moe's gate and experts, expert-parallel over group; called as
+    layer(x, None)."""
     from deepspeed.moe.sharded_moe import MOELayer
 
     init_deepspeed_comm()
     layer = MOELayer(DeepSeekGate(moe.route, moe.cfg.n_routed_experts), StackedExperts(moe.experts),
                      "afd_ffn_ep", ep_size, moe.experts.down_proj.shape[0])
     layer._set_ep_group(group)
-    return lambda x: layer(x, None)
+    return layer

@@ -13,6 +13,7 @@ from torch import nn
 
 from afd_compile.model.layers import RMSNorm, SwiGLU
 from moe_kernels import cpu_build, fused_experts, select_experts
+from moe_kernels.ep_dispatch import ep_fused_experts
 
 
 # CPU, in a compiled decode step: moe_kernels' C++ kernel, called from the graph without Python,
@@ -54,19 +55,25 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, ep_rank: int = 0, ep_size: int = 1):
+    def __init__(self, cfg, ep_rank: int = 0, ep_size: int = 1, ep_dispatch: str = "sort"):
+        """ep_dispatch: how an expert-parallel rank (ep_size > 1) exchanges tokens with the
+        others once it has a group (set_ep_group): "sort", the sort-based variable-size
+        all-to-all of moe_kernels, or "deepspeed", DeepSpeed-MoE's MOELayer (capacity-based
+        all-to-all). Both exact."""
         super().__init__()
         self.cfg = cfg
         num_local = cfg.n_routed_experts // ep_size
+        self.ep_rank, self.ep_size, self.ep_dispatch = ep_rank, ep_size, ep_dispatch
         self.first_expert = ep_rank * num_local
         self.gate = nn.Linear(cfg.hidden_size, cfg.n_routed_experts, bias=False)
         self.experts = Experts(num_local, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
-        # Set by an FFN rank with ep_size > 1: computes every expert's share for this rank's tokens
-        # (see set_expert_parallel); None means all experts are local.
-        self.ep_routed = None
+        # The FFN ranks' group of the world an expert-parallel rank serves in; None: all experts
+        # are local (ep_size 1), or the world broke.
+        self.ep_group = None
+        self.ep_layer = None  # ep_dispatch "deepspeed": the MOELayer over ep_group
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> (topk_weights, topk_ids) [tokens, top_k]; the gate runs in fp32."""
@@ -77,8 +84,11 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """The routed experts' output, [tokens, hidden]."""
-        if self.ep_routed is not None:
-            return self.ep_routed(x)
+        if self.ep_layer is not None:
+            return self.ep_layer(x, None)
+        if self.ep_group is not None:
+            return ep_fused_experts(x, *self.route(x), self.experts.gate_up_proj, self.experts.down_proj,
+                                    self.ep_rank, self.ep_size, self.ep_group)
         weights, ids = self.route(x)
         args = (x, weights, ids, self.experts.gate_up_proj, self.experts.down_proj, self.first_expert)
         if not x.is_cuda and torch.compiler.is_compiling():
@@ -91,6 +101,18 @@ class MoE(nn.Module):
                 return gathered_experts(*args)
         return fused_experts(*args)
 
+    def set_ep_group(self, group) -> None:
+        """Exchanges tokens with the other FFN ranks of `group` from now on; None drops a broken
+        world's group (its sockets close, so the other FFN ranks notice at once, only when nothing
+        references it any more)."""
+        self.ep_group = group
+        if group is None or self.ep_dispatch != "deepspeed":
+            self.ep_layer = None
+        else:
+            from afd_compile.model.deepspeed_moe import deepspeed_layer
+
+            self.ep_layer = deepspeed_layer(self, self.ep_size, group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = self.routed(flat)
@@ -100,39 +122,19 @@ class MoE(nn.Module):
 
 
 class FFNHalf(nn.Module):
-    def __init__(self, cfg, layer_idx: int, ep_rank: int = 0, ep_size: int = 1):
+    def __init__(self, cfg, layer_idx: int, ep_rank: int = 0, ep_size: int = 1, ep_dispatch: str = "sort"):
         super().__init__()
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = layer_idx >= cfg.first_k_dense_replace
-        self.mlp = MoE(cfg, ep_rank, ep_size) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (MoE(cfg, ep_rank, ep_size, ep_dispatch) if self.is_moe
+                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def set_expert_parallel(ffn_halves, ep_rank: int, ep_size: int, group, dispatch: str = "sort") -> None:
-    """Makes every MoE layer exchange tokens with the other FFN ranks of `group`.
-
-    dispatch "deepspeed": DeepSpeed-MoE's MOELayer (capacity-based, all-to-all); "sort": the
-    sort-based variable-size all-to-all of moe_kernels. Both exact.
-    """
-    from afd_compile.model.deepspeed_moe import deepspeed_routed
-    from moe_kernels.ep_dispatch import ep_fused_experts
-
-    for half in ffn_halves:
-        moe = half.mlp
-        if not half.is_moe:
-            continue
-        if dispatch == "deepspeed":
-            moe.ep_routed = deepspeed_routed(moe, ep_size, group)
-        else:
-            moe.ep_routed = (lambda m: lambda x: ep_fused_experts(
-                x, *m.route(x), m.experts.gate_up_proj, m.experts.down_proj, ep_rank, ep_size, group))(moe)
-
-
-def clear_expert_parallel(ffn_halves) -> None:
-    """Drops a broken world's group: its sockets close, so that the other FFN ranks notice at once,
-    only when nothing references it any more."""
+def set_ep_group(ffn_halves, group) -> None:
+    """Every MoE layer's expert-parallel group (MoE.set_ep_group)."""
     for half in ffn_halves:
         if half.is_moe:
-            half.mlp.ep_routed = None
+            half.mlp.set_ep_group(group)

@@ -285,8 +285,11 @@ def load_state_dict(path: Path, model: DeepseekV2, dtype: torch.dtype = torch.fl
 
 
 def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int = 0, ep_size: int = 1,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DeepseekV2:
-    """Builds the model on the meta device and assigns the loaded tensors: no double allocation."""
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               ep_dispatch: str = "sort") -> DeepseekV2:
+    """Builds the model on the meta device and assigns the loaded tensors: no double allocation.
+    ep_rank/ep_size/ep_dispatch: an FFN rank's share of the experts and how it exchanges tokens
+    (see ffn_half.MoE)."""
     path = check_model_dir(path)
     cfg = load_config(path)
     if ep_size < 1 or cfg.n_routed_experts % ep_size:
@@ -294,7 +297,7 @@ def load_model(path: str | Path = DEFAULT_MODEL, part: str = "all", ep_rank: int
     if not 0 <= ep_rank < ep_size:
         raise AfdError(f"ep_rank={ep_rank} is out of range for ep_size={ep_size}")
     with torch.device("meta"):
-        model = DeepseekV2(cfg, part, ep_rank, ep_size)
+        model = DeepseekV2(cfg, part, ep_rank, ep_size, ep_dispatch)
     if torch.device(device).type == "cpu":
         check_fits_in_memory(path, model, dtype)
     state = load_state_dict(path, model, dtype, device)

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,7 @@ class World:
     store_client: SecretStore | None = None  # this rank's connection to the store, under `store`
     store_server: StoreServer | None = None  # global rank 0: the store itself, kept across generations
     address: tuple[str, int] | None = None  # the store's host and port, the same every generation
+    hosts: list[str] = field(default_factory=list)  # each global rank's host name
 
 
 def master_address() -> tuple[str, int]:
@@ -126,16 +127,15 @@ def core_share(hosts: list[str], host: str, cores: int) -> int:
     return max(1, cores // hosts.count(host))
 
 
-def _share_cores(topology: Topology) -> None:
-    """Ranks on one host split its cores (unless OMP_NUM_THREADS is set): each rank's torch would
-    otherwise use every core, and ranks whose OpenMP workers spin between parallel loops (libgomp's
-    do, with no more OpenMP threads than cores in a process) take the cores from each other: a
-    1A1F server on 2 cores took 16 ms a token, 0.7 ms with one thread each. Collective: every rank
-    calls it in join, before compiling anything (inductor bakes the thread count into its kernels)."""
-    hosts: list = [None] * topology.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
+def share_cores(world: World) -> None:
+    """Gives this rank its share of its host's cores among the world's ranks there (unless
+    OMP_NUM_THREADS is set): each rank's torch would otherwise use every core, and ranks whose
+    OpenMP workers spin between parallel loops (libgomp's do, with no more OpenMP threads than
+    cores in a process) take the cores from each other: a 1A1F server on 2 cores took 16 ms a
+    token, 0.7 ms with one thread each. Each role calls it at start-up, after joining and before
+    compiling anything (inductor bakes the thread count into its kernels)."""
     if not os.environ.get("OMP_NUM_THREADS"):
-        share = core_share(hosts, socket.gethostname(), len(os.sched_getaffinity(0)))
+        share = core_share(world.hosts, socket.gethostname(), len(os.sched_getaffinity(0)))
         torch.set_num_threads(min(torch.get_num_threads(), share))
 
 
@@ -195,14 +195,15 @@ def join(topology: Topology, role: str, rank: int, timeout_s: float, nccl: bool 
     if global_rank == 0:
         tcp.delete_key(GENERATION_KEY)  # every rank is in: a rank that starts now waits for the next one
     log.info("%s rank %d joined generation %s of the %s world", role, rank, generation, topology)
-    _share_cores(topology)
+    hosts: list = [None] * topology.world_size  # for share_cores
+    dist.all_gather_object(hosts, socket.gethostname())
     ffn_ranks = [topology.global_rank("ffn", j) for j in range(topology.num_ffn)]
     # new_group is collective over the whole world: every rank creates it, FFN ranks use it.
     ffn_group = dist.new_group(ffn_ranks, backend="gloo")
     # Every rank must create the same groups in the same order, so nccl is a deployment-wide setting.
     nccl_group = dist.new_group(list(range(topology.world_size)), backend="nccl") if nccl else None
     return World(topology, role, rank, global_rank, ffn_group if role == "ffn" else None, store, generation,
-                 nccl_group, tcp, server, (addr, port))
+                 nccl_group, tcp, server, (addr, port), hosts)
 
 
 def _next_generation(tcp: SecretStore, left: str | None, timeout_s: float) -> str:

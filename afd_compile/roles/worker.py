@@ -13,7 +13,7 @@ from afd_compile.config import AFDConfig, EngineConfig
 from afd_compile.connector import make_connector
 from afd_compile.errors import AfdError
 from afd_compile.engine.llm_engine import LLMEngine
-from afd_compile.model.ffn_half import clear_expert_parallel, set_expert_parallel
+from afd_compile.model.ffn_half import set_ep_group
 from afd_compile.model.loader import load_config, load_model
 from afd_compile.roles import rendezvous
 from afd_compile.roles.attention import AFDModelRunner
@@ -84,7 +84,7 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
     engine_cfg = _rank_device(engine_cfg, afd)
     topo = afd.topology
     model = load_model(engine_cfg.model, part="ffn", ep_rank=afd.rank, ep_size=topo.num_ffn,
-                       dtype=engine_cfg.torch_dtype, device=engine_cfg.device)
+                       dtype=engine_cfg.torch_dtype, device=engine_cfg.device, ep_dispatch=afd.ep_dispatch)
     log.info("ffn rank %d of %s: experts %d..%d of %d, mapping %s", afd.rank, topo,
              afd.rank * hf.n_routed_experts // topo.num_ffn, (afd.rank + 1) * hf.n_routed_experts // topo.num_ffn - 1,
              hf.n_routed_experts, topo.describe())
@@ -95,8 +95,9 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
             while True:
                 world = rendezvous.join(topo, "ffn", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl",
                                         previous=world)
+                rendezvous.share_cores(world)
                 if topo.num_ffn > 1:
-                    set_expert_parallel(model.ffn_halves, afd.rank, topo.num_ffn, world.ffn_group, afd.ep_dispatch)
+                    set_ep_group(model.ffn_halves, world.ffn_group)
                 connector = _connector(afd, world, hf, engine_cfg)
                 try:
                     stop.serving = True
@@ -108,7 +109,7 @@ def run_ffn(engine_cfg: EngineConfig, afd: AFDConfig) -> int:
                         return sum(p.numel() for p in model.parameters())
                     log.warning("ffn rank %d: generation %s broke (%s); waiting for the next one", afd.rank,
                                 world.generation, str(e).splitlines()[0])
-                    clear_expert_parallel(model.ffn_halves)
+                    set_ep_group(model.ffn_halves, None)
                 finally:
                     stop.serving = False
                     connector.close()
@@ -127,6 +128,7 @@ def attention_engine(engine_cfg: EngineConfig, afd: AFDConfig) -> tuple[LLMEngin
     log.info("attention rank %d of %s: sends to ffn rank %d, %d micro-batch(es), connector %s", afd.rank, topo,
              topo.ffn_of(afd.rank), afd.micro_batches, afd.connector)
     world = rendezvous.join(topo, "attention", afd.rank, afd.timeout_s, nccl=afd.connector == "nccl")
+    rendezvous.share_cores(world)
     tracer = Tracer(f"attention {afd.rank}", world.global_rank, enabled=afd.trace is not None)
     connector = _connector(afd, world, hf, engine_cfg)
     engine = LLMEngine(engine_cfg, model=model, runner_factory=lambda m, n: AFDModelRunner(
