@@ -85,13 +85,11 @@ Command = m.AddRequest | m.AbortRequest | m.Shutdown | Listen | RecordTrace
 
 class AsyncEngine:
     def __init__(self, build: Callable[[], tuple[LLMEngine, Rank]], metrics: Metrics | None = None):
-        """build() makes the engine and the rank it runs on (engine.rank.Rank for a monolithic
-        one); it runs on the engine thread, which then serves, and its exception is raised here.
-        So that thread alone runs torch, and libgomp keeps its OpenMP workers spinning between a
-        step's parallel loops: with a second thread's OpenMP pool alive (the one that built the
-        engine) there are more OpenMP threads than cores, and libgomp has them sleep at once, a
-        futex wake-up per loop: a batch-1 step measured 2.7 ms on the engine thread against
-        0.21 ms on the thread that built it."""
+        """build() makes the engine and its rank (engine.rank.Rank if monolithic) on the engine
+        thread, which then serves; its exception is raised here. So that thread alone runs torch:
+        with a second thread's OpenMP pool alive there are more OpenMP threads than cores, and
+        libgomp puts them to sleep between a step's parallel loops, a futex wake-up per loop (a
+        batch-1 step: 2.7 ms on the engine thread against 0.21 ms on the thread that built it)."""
         # Set by the engine core before its first submit(): called on the engine thread with each
         # step's [(request_id, Delta)], one call a step instead of a wake-up per request.
         self.sink: Callable[[list[tuple[str, Delta]]], None] | None = None
