@@ -18,6 +18,8 @@ import torch
 import torch._dynamo
 import torch.utils._pytree as pytree
 
+from afd_compile.model.kv_cache import context_blocks
+
 log = logging.getLogger("afd.compile")
 
 
@@ -72,19 +74,20 @@ def context_bucket(n: int, max_model_len: int) -> int:
     return next(b for b in context_buckets(max_model_len) if b >= n)
 
 
-def context_spans(max_model_len: int) -> dict[int, torch.Tensor]:
-    """Per context bucket, a tensor whose length is the span (its data is never read). A compiled
-    step given the span as a tensor's length, marked dynamic over the buckets' range, is one
-    graph for every context bucket: a serving start-up compiles one graph per batch bucket, not
-    one per (batch, context) pair (7 instead of 28 on the demo model, ~13 s each cold on CPU),
-    and no context growing into a new bucket mid-request waits for a compile. Attention over a
-    dynamic span costs the demo model's batch-16 step nothing measurable (1.21 vs 1.27 ms at
-    64 positions, 1.61 vs 1.88 at 512)."""
+def context_spans(max_model_len: int, block_size: int) -> dict[int, torch.Tensor]:
+    """Per context bucket, a tensor whose length is the number of KV blocks a step reads for it
+    (kv_cache.context_blocks; its data is never read). A compiled step given that number as a
+    tensor's length, marked dynamic over the buckets' range, is one graph for every context
+    bucket: a serving start-up compiles one graph per batch bucket, not one per (batch, context)
+    pair (7 instead of 28 on the demo model, ~13 s each cold on CPU), and no context growing into
+    a new bucket mid-request waits for a compile. Attention over a dynamic span costs the demo
+    model's batch-16 step nothing measurable (1.21 vs 1.27 ms at 64 positions, 1.61 vs 1.88 at 512)."""
     buckets = context_buckets(max_model_len)
-    spans = {n: torch.empty(n, dtype=torch.int8) for n in buckets}
-    if len(buckets) > 1:
+    spans = {n: torch.empty(context_blocks(n, block_size), dtype=torch.int8) for n in buckets}
+    lengths = [t.shape[0] for t in spans.values()]
+    if lengths[0] != lengths[-1]:
         for span in spans.values():
-            torch._dynamo.mark_dynamic(span, 0, min=buckets[0], max=buckets[-1])
+            torch._dynamo.mark_dynamic(span, 0, min=lengths[0], max=lengths[-1])
     return spans
 
 

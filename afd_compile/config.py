@@ -20,9 +20,12 @@ EP_DISPATCH = ("sort", "deepspeed")  # FFN expert parallelism: moe_kernels' sort
 MAX_MICRO_BATCHES = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-# The KV cache is static, [max_num_seqs, max_model_len, ...] per layer: cap the default so a
-# checkpoint advertising 160k positions does not allocate gigabytes on a laptop.
+# Cap the default context so a checkpoint advertising 160k positions does not size KV block
+# tables and compiled context buckets for it on a laptop.
 DEFAULT_MAX_MODEL_LEN_CAP = 2048
+# Without --kv-cache-memory-bytes the KV cache takes this fraction of the memory available at
+# start-up, or less: what --max-num-seqs sequences of max_model_len need.
+KV_CACHE_MEMORY_FRACTION = 0.1
 
 
 def cache_dir(*parts: str) -> Path:
@@ -59,10 +62,18 @@ def resolve_device(device: str) -> str:
     raise AfdError(f"device 'cuda' is not available: {why}; use --device cpu (or auto)")
 
 
+def available_memory(device: str) -> int:
+    """Bytes free for the KV cache now: the GPU's free memory, or the host's MemAvailable."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
 @dataclass
 class EngineConfig:
     model: str | Path = DEFAULT_MODEL
-    max_num_seqs: int = 64  # KV cache slots = most requests running at once
+    max_num_seqs: int = 64  # most requests running at once (the batch, not the KV memory)
     max_model_len: int | None = None  # context length; default min(max_position_embeddings, 2048)
     max_num_batched_tokens: int = 2048  # prefill token budget of one step
     dtype: str = "float32"
@@ -70,6 +81,9 @@ class EngineConfig:
     enforce_eager: bool = False  # as in vLLM: no torch.compile
     batch_buckets: tuple[int, ...] = field(default=DEFAULT_BUCKETS)
     seed: int = 0
+    block_size: int = 16  # KV cache positions per block
+    kv_cache_memory_bytes: int | None = None  # vLLM's flag; default: see KV_CACHE_MEMORY_FRACTION
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -81,6 +95,10 @@ class EngineConfig:
             raise AfdError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_batched_tokens < 1:
             raise AfdError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise AfdError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise AfdError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         buckets = sorted({b for b in self.batch_buckets if b < self.max_num_seqs} | {self.max_num_seqs})
         self.batch_buckets = tuple(buckets)
 
@@ -96,6 +114,23 @@ class EngineConfig:
             raise AfdError(f"max_model_len {self.max_model_len} exceeds the model's "
                            f"max_position_embeddings {limit}")
         return self.max_model_len
+
+    def kv_cache_blocks(self, hf_config, max_model_len: int) -> int:
+        """How many KV blocks the cache has: --kv-cache-memory-bytes of them, else see
+        KV_CACHE_MEMORY_FRACTION. AfdError when one sequence of max_model_len would not fit."""
+        per_block = (hf_config.num_hidden_layers * self.block_size * (hf_config.kv_lora_rank + hf_config.qk_rope_head_dim)
+                     * self.torch_dtype.itemsize)
+        need = -(-max_model_len // self.block_size)
+        if self.kv_cache_memory_bytes is not None:
+            blocks = self.kv_cache_memory_bytes // per_block
+            if blocks < need:
+                raise AfdError(f"--kv-cache-memory-bytes {self.kv_cache_memory_bytes} holds {blocks} KV blocks of "
+                               f"{self.block_size} positions ({per_block} bytes each), but one sequence of "
+                               f"max_model_len {max_model_len} needs {need}: give at least {need * per_block} bytes "
+                               "or a smaller --max-model-len")
+            return blocks
+        return max(need, min(self.max_num_seqs * need, int(available_memory(self.device) * KV_CACHE_MEMORY_FRACTION)
+                             // per_block))
 
     def bucket(self, batch_size: int) -> int:
         """Smallest compiled batch size that holds batch_size rows."""

@@ -146,7 +146,8 @@ class EngineBackend:
         self.name = name
         self.engine = engine or LLMEngine(EngineConfig(
             model=args.model, enforce_eager=name == "eager", max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device))
+            max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device,
+            enable_prefix_caching=False))  # repeated prompts: prefill measured in full, as transformers runs it
 
     def warm_up(self, prompts: list[list[int]], steps: int) -> float:
         """A run as long as the measured ones: compiles every (batch, context) bucket they reach."""
@@ -227,7 +228,7 @@ def _roofline(engine, prompts, run: Run, machine: dict) -> dict:
     """The row's bytes and FLOPs against the machine's measured limits (benchmarks/roofline.py)."""
     from benchmarks import roofline
 
-    need = roofline.decode_step_bytes(engine.model, prompts, run.outputs)
+    need = roofline.decode_step_bytes(engine, prompts, run.outputs)
     step_s = sum(run.step_times) / len(run.step_times)
     bw = machine["read_bandwidth"]["bytes_per_s"]
     flops = roofline.prefill_flops(engine.model, prompts)

@@ -43,7 +43,8 @@ def _afd_worker(req: dict) -> dict:
     from afd_compile.engine import LLMEngine, SamplingParams
 
     engine = LLMEngine(EngineConfig(model=req["model"], dtype=req["dtype"], max_model_len=req["max_model_len"],
-                                    max_num_seqs=max(req["batch_sizes"])))
+                                    max_num_seqs=max(req["batch_sizes"]),
+                                    enable_prefix_caching=False))  # as vLLM's CPU backend runs MLA
 
     def generate(prompts, n):
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)

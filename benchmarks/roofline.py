@@ -90,14 +90,16 @@ def kv_bytes_per_position(model) -> int:
 
 
 @torch.inference_mode()
-def routed_experts(model, prompts: list[list[int]], outputs: list[list[int]]) -> dict[int, list[list[int]]]:
+def routed_experts(engine, prompts: list[list[int]], outputs: list[list[int]]) -> dict[int, list[list[int]]]:
     """Per MoE layer, per request, the expert ids each position's token was routed to, from one
-    forward over prompt + outputs (the last output never entered the model). Uses KV slots
-    0..B-1 of an idle engine; the model's numerics are the decode step's up to float order."""
+    forward over prompt + outputs (the last output never entered the model). Writes the first KV
+    blocks of an idle engine (its prefix cache is reset after); the model's numerics are the
+    decode step's up to float order."""
     from afd_compile.model.decoder import padded_batch
 
+    model = engine.model
     seqs = [p + o[:-1] for p, o in zip(prompts, outputs)]
-    tokens, positions, write, read, L = padded_batch(seqs, model.scratch_slot)
+    tokens, positions, write, read, L = padded_batch(seqs, model)
     B = len(seqs)
     recorded: dict[int, torch.Tensor] = {}
     originals = {}
@@ -111,19 +113,20 @@ def routed_experts(model, prompts: list[list[int]], outputs: list[list[int]]) ->
                 return weights, ids
             moe.route = route
     try:
-        model(tokens, positions, write, read, torch.zeros(B, dtype=torch.long), L)
+        model(tokens, positions, write, read, torch.zeros(B, dtype=torch.long), model.context_blocks(L))
     finally:
         for moe in originals.values():
             del moe.route
+        engine.scheduler.block_manager.reset_prefix_cache()
     return {i: [recorded[i][b, :len(s)].tolist() for b, s in enumerate(seqs)] for i in recorded}
 
 
-def decode_step_bytes(model, prompts: list[list[int]], outputs: list[list[int]]) -> dict:
+def decode_step_bytes(engine, prompts: list[list[int]], outputs: list[list[int]]) -> dict:
     """Bytes the decode steps of one measured run must read, per step and in all: weights, the
     experts each step's batch touched (counted through routed_experts), the live KV cache."""
-    w = weight_bytes(model)
-    routing = routed_experts(model, prompts, outputs)
-    kv = kv_bytes_per_position(model)
+    w = weight_bytes(engine.model)
+    routing = routed_experts(engine, prompts, outputs)
+    kv = kv_bytes_per_position(engine.model)
     steps = len(outputs[0]) - 1  # the first output came from prefill
     per_step, touched_per_step = [], []
     for j in range(1, steps + 1):  # step j feeds output j-1 at position len(prompt) + j - 1

@@ -40,17 +40,25 @@ def _rank_main(role: str, rank: int, engine_cfg: EngineConfig, afd_kwargs: dict,
         outs = engine.generate([prompts[i] for i in mine], params) if mine else []
         param_counts = sum(p.numel() for p in engine.model.parameters())
         attention.close()
+        blocks = engine.scheduler.block_manager
         results.put((role, rank, {"tokens": {i: o.token_ids for i, o in zip(mine, outs)}, "params": param_counts,
+                                  "preemptions": engine.scheduler.num_preemptions, "prefix_hits": blocks.hits,
+                                  "kv_usage_after": blocks.usage(),
                                   "warm": warm, "compiled": set(steps.compiled) - warm if steps is not None else set()}))
     except BaseException:
         results.put((role, rank, {"error": traceback.format_exc()}))
+
+
+# EngineConfig's KV cache options, passed through run_afd's keyword arguments
+KV_OPTIONS = ("block_size", "kv_cache_memory_bytes", "enable_prefix_caching", "max_num_batched_tokens")
 
 
 def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, micro_batches: int = 1,
             timeout_s: float = 240, warm_up: bool = False, **afd_kwargs) -> dict:
     """Greedy AFD generation: returns {"tokens": [token ids per prompt], "params": {(role, rank): count},
     "warm": {attention rank: compiled step shapes before the requests (after warm_up)}, "compiled":
-    {attention rank: step shapes compiled while serving them}}."""
+    {attention rank: step shapes compiled while serving them}, "kv": {attention rank: its preemptions,
+    prefix cache hits (tokens) and KV cache usage after}}."""
     # CUDA cannot be used in a child forked after the parent touched it: spawn for GPU runs.
     ctx = mp.get_context("spawn" if str(afd_kwargs.get("device", "cpu")).startswith("cuda") else "fork")
     results = ctx.Queue()
@@ -58,7 +66,8 @@ def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, mic
                               max_num_seqs=afd_kwargs.pop("max_num_seqs", 8),
                               max_model_len=afd_kwargs.pop("max_model_len", 96),
                               batch_buckets=afd_kwargs.pop("batch_buckets", (1, 2, 4, 8)),
-                              device=afd_kwargs.pop("device", "cpu"))
+                              device=afd_kwargs.pop("device", "cpu"),
+                              **{k: afd_kwargs.pop(k) for k in KV_OPTIONS if k in afd_kwargs})
     afd = dict(afd_size=afd_size, micro_batches=micro_batches, timeout_s=afd_kwargs.pop("connector_timeout", 60),
                **afd_kwargs)
     topo = AFDConfig(**afd).topology
@@ -87,4 +96,5 @@ def run_afd(model_dir, afd_size: str, prompts: list, params: SamplingParams, mic
     return {"tokens": [tokens[i] for i in range(len(prompts))],
             "params": {k: v["params"] for k, v in collected.items()},
             "warm": {r: p["warm"] for r, p in attention.items()},
-            "compiled": {r: p["compiled"] for r, p in attention.items()}}
+            "compiled": {r: p["compiled"] for r, p in attention.items()},
+            "kv": {r: {k: p[k] for k in ("preemptions", "prefix_hits", "kv_usage_after")} for r, p in attention.items()}}

@@ -87,7 +87,7 @@ class Deployment:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metric(self, name: str) -> float:
-        """One sample of GET /metrics, e.g. `afd:kv_cache_free_slots`."""
+        """One sample of GET /metrics, e.g. `afd:kv_cache_usage_perc`."""
         text = httpx.get(f"{self.url}/metrics", headers=self.headers(), timeout=10).text
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         assert m, f"{name} not in /metrics"

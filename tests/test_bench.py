@@ -84,11 +84,11 @@ def test_decode_bytes_count_the_experts_each_step_routed_to(tiny_greedy_checkpoi
     for moe in moes.values():
         del moe.route
     assert len(seen) == steps - 1
-    routing = roofline.routed_experts(engine.model, prompts, outputs)
+    routing = roofline.routed_experts(engine, prompts, outputs)
     for j, step in enumerate(seen, start=1):
         for layer, experts in step.items():
             assert set().union(*(r[len(p) + j - 1] for r, p in zip(routing[layer], prompts))) == experts
-    need = roofline.decode_step_bytes(engine.model, prompts, outputs)
+    need = roofline.decode_step_bytes(engine, prompts, outputs)
     w = roofline.weight_bytes(engine.model)
     expert = w["per_expert"][min(moes)]
     kv = roofline.kv_bytes_per_position(engine.model)

@@ -133,7 +133,7 @@ async def _largest_gap(url: str, with_bad_prompts: bool) -> float:
 def _free(d: Deployment, port: int) -> bool:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("afd:kv_cache")}
-    return values["afd:kv_cache_free_slots"] == values["afd:kv_cache_slots"]
+    return values["afd:kv_cache_usage_perc"] == 0
 
 
 def test_chaos_soak_2a2f(shipped_model, tmp_path):

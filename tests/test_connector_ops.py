@@ -129,11 +129,12 @@ def test_a_closed_endpoint_is_a_clear_error(inputs):
 
 class CacheWatchingLinks(Loopback):
     """Loopback links of an attention rank (its FFN returns what it is sent) that note, at each
-    send, whether micro-batch 1's first-layer latent is in the KV cache yet."""
+    send, whether micro-batch 1's first-layer latent is in the KV cache yet (at blocks `slots`,
+    offsets `positions`)."""
 
     def __init__(self, model, slots, positions):
         super().__init__(model.cfg.hidden_size, torch.float32, torch.device("cpu"))
-        self.attention = model.attention_halves[0].self_attn  # its cache is made by the runner
+        self.attention = model.attention_halves[0].self_attn
         self.slots, self.positions = slots, positions
         self.written_at_send: list[bool] = []
 
@@ -160,8 +161,9 @@ def test_a_micro_batch_starts_after_the_previous_one_is_sent(tiny_greedy_checkpo
     seqs = []
     for slot in range(4):
         seq = Sequence([1, 5, 7, 9], SamplingParams())
-        seq.slot, seq.num_computed = slot, 4
+        seq.block_table, seq.num_computed = [slot], 3  # block `slot` of 16 positions
         seqs.append(seq)
+    model.setup_caches(4, 16, 16)
     links = CacheWatchingLinks(model, torch.tensor([2, 3]), torch.tensor([3, 3]))
     runner = AFDModelRunner(model, EngineConfig(max_num_seqs=4, max_model_len=16, batch_buckets=(2,)), 16, links,
                             micro_batches=2)

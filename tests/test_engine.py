@@ -52,7 +52,8 @@ def first_new(tokens: list[int]) -> int:
 def assert_idle(engine: LLMEngine) -> None:
     assert not engine.scheduler.has_work()
     assert not engine.requests
-    assert sorted(engine.scheduler.free_slots) == list(range(engine.config.max_num_seqs))
+    blocks = engine.scheduler.block_manager
+    assert blocks.num_free == blocks.num_blocks and blocks.usage() == 0.0
 
 
 # ---------------------------------------------------------------- finishing
@@ -224,22 +225,22 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_greedy_checkpoint):
     assert unseeded.token_ids != alone.token_ids
 
 
-def test_abort_frees_the_slot(tiny_greedy_checkpoint, alone):
+def test_abort_frees_the_blocks(tiny_greedy_checkpoint, alone):
     engine = make_engine(tiny_greedy_checkpoint, max_num_seqs=1)
     running = engine.add_request("1 2 3", SamplingParams(**GREEDY, max_tokens=50))
     waiting = engine.add_request("999", SamplingParams(**GREEDY, max_tokens=50))
     engine.step()
     engine.step()
-    assert running.slot is not None and len(running.output_token_ids) == 2
-    assert not engine.scheduler.free_slots
+    assert running.block_table and len(running.output_token_ids) == 2
+    assert len(engine.scheduler.running) == 1 and engine.scheduler.waiting  # max_num_seqs 1
     engine.abort(running.request_id)
     engine.abort(waiting.request_id)
     engine.abort("no-such-request")  # ignored
     assert (running.finish_reason, waiting.finish_reason) == ("abort", "abort")
-    assert running.slot is None
+    assert not running.block_table
     assert_idle(engine)
     assert engine.step() == []
-    # The freed slot serves a new request, whose output is unaffected by the aborted one's cache.
+    # The freed blocks serve a new request, whose output is unaffected by the aborted one's cache.
     c = engine.generate(["5 6 7 8 9"], SamplingParams(**GREEDY, max_tokens=10, ignore_eos=True))[0]
     assert c.token_ids == alone["5 6 7 8 9"].token_ids[:10]
     assert_idle(engine)

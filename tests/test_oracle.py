@@ -1,7 +1,7 @@
 """Our DeepSeek-V2 against the reference: transformers' DeepseekV2ForCausalLM, in fp32.
 
 Every check feeds the same checkpoint directory to both. Ours runs prompts of different
-lengths together in one right-padded batch (padding writes to the scratch KV slot); the
+lengths together in one right-padded batch (padding writes to the scratch KV block); the
 reference runs each prompt alone, so any leak between rows, any mask or position mistake, or
 any divergence in MLA, rope/yarn, routing or the experts shows up as a logit mismatch.
 """
@@ -15,6 +15,8 @@ from transformers import DeepseekV2ForCausalLM
 
 from afd_compile.config import EngineConfig
 from afd_compile.engine import LLMEngine, SamplingParams
+from afd_compile.engine.model_inputs import DecodeRows, prefill_inputs
+from afd_compile.engine.sequence import Sequence
 from afd_compile.model.attention_half import softmax_scale
 from afd_compile.model.decoder import padded_batch
 from afd_compile.model.loader import load_model
@@ -41,14 +43,14 @@ def our_logits(model, prompts: list[list[int]], positions_wanted: str = "last") 
     """Per prompt, logits [n, vocab] at every position ("all") or [1, vocab] at the last one,
     from one batched prefill (the forward returns the row's logits at last_idx; "all" asks once
     per column, rewriting the same cache entries)."""
-    model.setup_caches(len(prompts), MAX_MODEL_LEN)
-    tokens, positions, write_slots, read_slots, L = padded_batch(prompts, model.scratch_slot)
+    model.setup_caches(len(prompts) * MAX_MODEL_LEN // 16, 16, MAX_MODEL_LEN)
+    tokens, positions, slot_mapping, block_tables, L = padded_batch(prompts, model)
     lengths = torch.tensor([len(p) for p in prompts])
     if positions_wanted == "last":
-        logits = model(tokens, positions, write_slots, read_slots, lengths - 1, L)
+        logits = model(tokens, positions, slot_mapping, block_tables, lengths - 1, model.context_blocks(L))
         return [row.unsqueeze(0) for row in logits]
-    cols = [model(tokens, positions, write_slots, read_slots, torch.minimum(torch.tensor(j), lengths - 1), L)
-            for j in range(L)]
+    cols = [model(tokens, positions, slot_mapping, block_tables, torch.minimum(torch.tensor(j), lengths - 1),
+                  model.context_blocks(L)) for j in range(L)]
     return [torch.stack([cols[j][i] for j in range(len(p))]) for i, p in enumerate(prompts)]
 
 
@@ -111,34 +113,26 @@ def test_chunked_prefill_and_decode_match_transformers(tiny_checkpoint):
     model, hf = load_model(tiny_checkpoint), hf_model(tiny_checkpoint)
     seqs = random_prompts(model.cfg.vocab_size, [20, 14, 9], seed=2)
     want = [hf_logits(hf, s) for s in seqs]
-    model.setup_caches(len(seqs), MAX_MODEL_LEN)
-    scratch = model.scratch_slot
+    # Blocks of 4 positions, each row's scattered over the cache in no order, as the block
+    # manager hands them out after requests come and go.
+    model.setup_caches(3 * 6, 4, MAX_MODEL_LEN)
+    tables = [[17 - 3 * j - i for j in range(6)] for i in range(3)]
     first = [4, 7, 1]  # tokens computed by the first prefill chunk per row
     second = [5, 2, 6]  # and by the second
     done = [0, 0, 0]
     for chunk in (first, second):
-        L = max(chunk)
-        tokens = torch.zeros(3, L, dtype=torch.long)
-        positions = torch.zeros(3, L, dtype=torch.long)
-        write = torch.full((3, L), scratch)
-        for i, n in enumerate(chunk):
-            tokens[i, :n] = torch.tensor(seqs[i][done[i]:done[i] + n])
-            positions[i, :n] = torch.arange(done[i], done[i] + n)
-            write[i, :n] = i
+        rows = [Sequence(seqs[i], SamplingParams(), block_table=tables[i], num_computed=done[i]) for i in range(3)]
         n_ctx = max(d + n for d, n in zip(done, chunk))
-        logits = model(tokens, positions, write, torch.arange(3), torch.tensor(chunk) - 1, n_ctx)
+        logits = model(*prefill_inputs(model, rows, chunk), model.context_blocks(n_ctx))
         for i, n in enumerate(chunk):
             done[i] += n
             torch.testing.assert_close(logits[i], want[i][done[i] - 1], **TOL)
-    # Decode: one token per row per step, padded to a bucket of 4 with the scratch slot.
+    # Decode: one token per row per step, padded to a bucket of 4 with the scratch block.
+    decode = DecodeRows(4, model, torch.device("cpu"))
     while any(d < len(s) for d, s in zip(done, seqs)):
         live = [i for i in range(3) if done[i] < len(seqs[i])]
-        tokens = torch.zeros(4, 1, dtype=torch.long)
-        positions = torch.zeros(4, 1, dtype=torch.long)
-        slots = torch.full((4,), scratch)
-        for row, i in enumerate(live):
-            tokens[row, 0], positions[row, 0], slots[row] = seqs[i][done[i]], done[i], i
-        logits = model(tokens, positions, slots.unsqueeze(1), slots, torch.zeros(4, dtype=torch.long), MAX_MODEL_LEN)
+        decode.stage([Sequence(seqs[i][: done[i] + 1], SamplingParams(), block_table=tables[i]) for i in live])
+        logits = model(*decode.inputs, torch.zeros(4, dtype=torch.long), model.context_blocks(MAX_MODEL_LEN))
         for row, i in enumerate(live):
             torch.testing.assert_close(logits[row], want[i][done[i]], **TOL)
             done[i] += 1
@@ -155,9 +149,9 @@ def test_greedy_tokens_match_transformers(tiny_checkpoint):
 def test_compiled_decode_matches_eager(tiny_greedy_checkpoint):
     """Oracle: the eager engine (itself checked against transformers above). torch.compile'd decode
     for one batch bucket produces identical greedy tokens, also while the batch shrinks below the
-    bucket as requests finish (padded rows on the scratch slot) and when the longest sequence
-    outgrows the 64-position context bucket (one graph for both context buckets: its span is
-    dynamic, and each bucket's call replays it)."""
+    bucket as requests finish (padded rows on the scratch block) and when the longest sequence
+    outgrows the 64-position context bucket (one graph for both context buckets: the KV blocks
+    it reads are a dynamic count, and each bucket's call replays it)."""
     hf = hf_model(tiny_greedy_checkpoint)
     prompts = random_prompts(hf.config.vocab_size, [3, 50, 1], seed=4)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (NEW_TOKENS, 20, 8)]
@@ -170,7 +164,8 @@ def test_compiled_decode_matches_eager(tiny_greedy_checkpoint):
     steps = engines[False].runner.decode_steps
     assert set(steps.compiled) == {(4,)}
     spans = {call[0][-1].shape[0] for call in steps.compiled[4,][1].calls}
-    assert spans == {64, MAX_MODEL_LEN}
+    model = engines[False].model
+    assert spans == {model.context_blocks(64), model.context_blocks(MAX_MODEL_LEN)}
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 
   - zero errors: every request answered 200 and its stream ended with [DONE], no error chunk
     (one request in ten hangs up after its first chunk instead, to exercise the abort path);
-  - every KV cache slot free again (afd:kv_cache_free_slots == afd:kv_cache_slots), nothing
+  - every KV cache block free again (afd:kv_cache_usage_perc == 0), nothing
     running or waiting;
   - the server's RSS back within 10% of its level before the load (measured after a warm-up,
     so that one-time allocations of the first batches are not counted as growth).
@@ -28,7 +28,7 @@ from benchmarks.report import machine_info, write_json
 from tests.server_fixtures import Deployment, sse_chunks, start_monolithic
 
 RSS_TOLERANCE = 0.10
-REQUEST_TIMEOUT_S = 120  # a request waits for a slot behind up to (clients / slots) others
+REQUEST_TIMEOUT_S = 120  # a request waits for KV blocks behind up to (clients / slots) others
 
 
 def rss_bytes(pid: int) -> int:
@@ -72,7 +72,7 @@ async def one_stream(client: httpx.AsyncClient, body: dict, tally: Tally, abando
                 return
             first = first or time.monotonic()
             tally.chunks += 1
-            if abandon:  # leaving the block closes the connection: the server must free the slot
+            if abandon:  # leaving the block closes the connection: the server must free the blocks
                 tally.abandoned += 1
                 return
             usage = chunk.get("usage") or usage
@@ -132,7 +132,7 @@ def soak(shipped_model, log_dir, clients: int, duration_s: float) -> dict:
         result = run_load(d, clients, duration_s)
         wait_until(lambda: d.metric("afd:num_requests_running") == 0 and d.metric("afd:num_requests_waiting") == 0,
                    30, "requests still running or waiting")
-        slots, free = d.metric("afd:kv_cache_slots"), d.metric("afd:kv_cache_free_slots")
+        kv_usage = d.metric("afd:kv_cache_usage_perc")
         # glibc may hand freed pages back a moment later; give RSS a few seconds to settle.
         limit = rss_before * (1 + RSS_TOLERANCE)
         settle = time.monotonic() + 10
@@ -141,15 +141,15 @@ def soak(shipped_model, log_dir, clients: int, duration_s: float) -> dict:
         healthy = httpx.get(f"{d.url}/health", timeout=10).status_code
     finally:
         d.stop()
-    result.update(kv_cache_slots=int(slots), kv_cache_free_slots_after=int(free), rss_before_mib=rss_before >> 20,
+    result.update(kv_cache_usage_after=kv_usage, rss_before_mib=rss_before >> 20,
                   rss_after_mib=rss_after >> 20, rss_change=round(rss_after / rss_before - 1, 4), health_after=healthy)
     print(f"\nsoak: {clients} streaming clients x {duration_s:.0f} s: {result['requests']} requests "
           f"(+{result['abandoned']} abandoned), {result['errors']} errors, {result['throughput_tok_s']} tok/s, {result['requests_per_s']} req/s, "
-          f"TTFT p50 {result['ttft_p50_s']} s p99 {result['ttft_p99_s']} s; KV slots free {int(free)}/{int(slots)}; "
+          f"TTFT p50 {result['ttft_p50_s']} s p99 {result['ttft_p99_s']} s; KV cache usage after {kv_usage:.0%}; "
           f"RSS {rss_before >> 20} -> {rss_after >> 20} MiB ({result['rss_change']:+.1%})")
     assert result["errors"] == 0, result["first_errors"]
     assert result["requests"] >= clients, result  # every client got at least one request through
-    assert free == slots > 0, (free, slots)
+    assert kv_usage == 0, kv_usage
     assert rss_after <= limit, f"RSS {rss_before >> 20} MiB before, {rss_after >> 20} MiB after the load"
     assert healthy == 200
     return result

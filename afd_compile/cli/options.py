@@ -24,7 +24,11 @@ def deployment_options(args) -> list[str]:
     """This invocation's engine and AFD flags, the same on every rank it starts (RankSpec.options)."""
     out = ["--model", str(args.model), "--micro-batches", str(args.micro_batches), "--connector", args.connector,
            "--connector-timeout", str(args.connector_timeout), "--ep-dispatch", args.ep_dispatch,
-           "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), "--log-level", args.log_level]
+           "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), "--log-level", args.log_level,
+           "--block-size", str(args.block_size),
+           "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if args.kv_cache_memory_bytes is not None:
+        out += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
     if args.max_model_len is not None:
         out += ["--max-model-len", str(args.max_model_len)]
     if args.enforce_eager:
@@ -83,7 +87,9 @@ def engine_config(args):
     from afd_compile.config import EngineConfig
 
     return EngineConfig(model=args.model, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device)
+                        max_num_seqs=args.max_num_seqs, dtype=args.dtype, device=args.device,
+                        block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def make_engine(args):

@@ -34,7 +34,13 @@ def engine_args(p: argparse.ArgumentParser) -> None:
                                                  "models/afd-demo-moe)")
     p.add_argument("--enforce-eager", action="store_true", help="run without torch.compile, as in vLLM")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 2048))")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="KV cache slots: most sequences at once")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="most sequences in a batch")
+    p.add_argument("--block-size", type=int, default=16, help="KV cache positions per block (a power of two)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache size in bytes (default: what --max-num-seqs sequences of --max-model-len need, "
+                        "at most 10%% of the memory available)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of equal prompt prefixes between requests (default: on)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto (default: cuda when this torch has a GPU, else cpu), cpu, or cuda: compiled decode "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from afd_compile.compilation import allow_decode_recompiles, context_buckets
 from afd_compile.config import EngineConfig
+from afd_compile.engine.block_manager import BlockManager
 from afd_compile.engine.detokenizer import IncrementalDetokenizer, cut_at_stop
 from afd_compile.engine.model_runner import ModelRunner
 from afd_compile.engine.sampler import Sampler
@@ -43,10 +44,15 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.model.cfg)
         if not config.enforce_eager:
             allow_decode_recompiles(config.batch_buckets, self.max_model_len)
+        num_blocks = config.kv_cache_blocks(self.model.cfg, self.max_model_len)
+        self.model.setup_caches(num_blocks, config.block_size, self.max_model_len)
+        log.info("KV cache: %d blocks of %d positions (%d positions), prefix caching %s", num_blocks,
+                 config.block_size, num_blocks * config.block_size, "on" if config.enable_prefix_caching else "off")
         self.runner = (runner_factory or (lambda m, n: ModelRunner(m, config, n)))(self.model, self.max_model_len)
         eos = self.model.cfg.eos_token_id
         eos_ids = (set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}) - {None}
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos_ids, self.max_model_len)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, eos_ids, self.max_model_len,
+                                   BlockManager(num_blocks, config.block_size, config.enable_prefix_caching))
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Sequence] = {}
 
@@ -65,6 +71,8 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise AfdError(f"prompt token ids must be in [0, {vocab})")
+        # No request fails for lack of KV blocks: one of max_model_len fits (kv_cache_blocks), and
+        # a sequence short of blocks is preempted until others finish.
         seq = Sequence(ids, params or SamplingParams(), detokenizer=IncrementalDetokenizer(self.tokenizer))
         if request_id is not None:
             seq.request_id = request_id
@@ -83,16 +91,17 @@ class LLMEngine:
         (batch, context) bucket pair waits for its compilation mid-request (15-20 s each on
         CPU; ~1 s once inductor's on-disk cache holds it). Every step runs through the runner's
         own decode (an AFD rank's FFN ranks compile their side too), with every row on the KV
-        cache's scratch slot, so no sequence's cache changes. Nothing to do with enforce_eager."""
+        cache's scratch block, so no sequence's cache changes. Nothing to do with enforce_eager."""
         if self.config.enforce_eager:
             return
         start = time.monotonic()
         for n_ctx in context_buckets(self.max_model_len):
             prompt = [0] * n_ctx  # a decode over sequences this long attends over n_ctx positions
+            scratch = [self.model.scratch_block] * self.scheduler.block_manager.blocks_for(n_ctx)
             # Every batch size, not only the buckets: an AFD rank cuts a batch into micro-batches
             # by its size. An already compiled shape replays in milliseconds.
             for n in range(1, self.config.max_num_seqs + 1):
-                self.runner.decode([Sequence(prompt, SamplingParams(), slot=self.runner.scratch) for _ in range(n)])
+                self.runner.decode([Sequence(prompt, SamplingParams(), block_table=scratch) for _ in range(n)])
             log.info("warm-up: decode steps over %d positions ready (%.0f s so far)", n_ctx, time.monotonic() - start)
 
     # ---- the step

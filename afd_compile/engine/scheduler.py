@@ -1,10 +1,14 @@
-"""Waiting and running queues, KV slot allocation, and what happens after a token is sampled.
+"""Waiting and running queues, KV block admission, preemption, and what happens after a token
+is sampled.
 
-Each step is either a prefill step (admit waiting requests while KV slots and the prefill
-token budget allow; long prompts are cut into chunks) or a decode step over every running
-request whose prompt is cached. When both are pending they alternate, so a long prompt
-delays running requests by at most one chunk (max_num_batched_tokens) per token they
-generate. Finished requests free their slot at once.
+Each step is either a prefill step (admit waiting requests while the batch and free KV blocks
+allow and the prefill token budget lasts; long prompts are cut into chunks) or a decode step
+over every running request whose prompt is cached. When both are pending they alternate, so a
+long prompt delays running requests by at most one chunk (max_num_batched_tokens) per token
+they generate. A decode step that needs a block when none is free preempts the most recently
+admitted running request: its blocks are freed and it waits at the front of the queue, to
+recompute its tokens when blocks free up (vLLM's recompute preemption). Finished requests free
+their blocks at once.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from afd_compile.engine.block_manager import BlockManager
 from afd_compile.engine.sequence import Sequence, Status
 
 
@@ -19,17 +24,20 @@ from afd_compile.engine.sequence import Sequence, Status
 class ScheduledBatch:
     seqs: list[Sequence]
     is_prefill: bool
-    chunk_lens: list[int]  # prefill only: prompt tokens computed this step per sequence
+    chunk_lens: list[int]  # prefill only: tokens computed this step per sequence
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_num_batched_tokens: int, eos_token_ids: set[int], max_model_len: int):
-        self.free_slots = deque(range(num_slots))
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids: set[int], max_model_len: int,
+                 block_manager: BlockManager):
+        self.max_num_seqs = max_num_seqs
+        self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in order of admission
         self.budget = max_num_batched_tokens
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        self.num_preemptions = 0
         self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
@@ -44,45 +52,68 @@ class Scheduler:
         self._last_was_prefill = prefill is not None
         if prefill is not None:
             return prefill
-        return ScheduledBatch(decodable, False, []) if decodable else None
+        seqs = self._schedule_decode(decodable)
+        return ScheduledBatch(seqs, False, []) if seqs else None
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, chunks, budget = [], [], self.budget
-        # Chunks of prompts already admitted come first, then new admissions.
+        # Chunks of sequences already admitted come first, then new admissions.
         for seq in [s for s in self.running if s.is_prefill]:
-            n = min(len(seq.prompt_token_ids) - seq.num_computed, budget)
+            n = min(len(seq) - seq.num_computed, budget)
             if n > 0:
                 seqs.append(seq), chunks.append(n)
                 budget -= n
-        while self.waiting and self.free_slots and budget > 0:
+        while (self.waiting and len(self.running) < self.max_num_seqs and budget > 0
+               and self.block_manager.can_allocate(self.waiting[0])):
             seq = self.waiting.popleft()
-            seq.slot, seq.status = self.free_slots.popleft(), Status.RUNNING
+            self.block_manager.allocate(seq)  # cached prefix blocks count as computed
+            seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(len(seq.prompt_token_ids), budget)
+            n = min(len(seq) - seq.num_computed, budget)
             seqs.append(seq), chunks.append(n)
             budget -= n
         return ScheduledBatch(seqs, True, chunks) if seqs else None
+
+    def _schedule_decode(self, decodable: list[Sequence]) -> list[Sequence]:
+        """The decodable sequences that have a block for their next position, preempting the most
+        recently admitted running ones (this one last) while blocks are short."""
+        seqs = []
+        for seq in decodable:
+            if seq.status is not Status.RUNNING:  # preempted for an earlier one
+                continue
+            while not self.block_manager.can_append(seq):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append(seq)
+                seqs.append(seq)
+        return seqs
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def computed(self, batch: ScheduledBatch) -> list[int]:
+        """Records the tokens a step computed (a prefill's chunks, a decode's one token each);
+        returns the indices in batch.seqs of the sequences now due a sampled token: all of a
+        decode, and of a prefill those with every token cached."""
+        for seq, n in zip(batch.seqs, batch.chunk_lens if batch.is_prefill else [1] * len(batch.seqs)):
+            seq.num_computed += n
+            self.block_manager.cache_full_blocks(seq)
+        return [i for i, seq in enumerate(batch.seqs) if seq.num_computed == len(seq)]
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq in self.running:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            self.block_manager.free_seq(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        seq.slot = None
-
-    def computed(self, batch: ScheduledBatch) -> list[int]:
-        """Records the tokens a step computed (a prefill's chunks, a decode's one token each);
-        returns the indices in batch.seqs of the sequences now due a sampled token: all of a
-        decode, and of a prefill those whose whole prompt is now cached."""
-        if not batch.is_prefill:
-            for seq in batch.seqs:
-                seq.num_computed = len(seq)
-            return list(range(len(batch.seqs)))
-        for seq, n in zip(batch.seqs, batch.chunk_lens):
-            seq.num_computed += n
-        return [i for i, seq in enumerate(batch.seqs) if not seq.is_prefill]
 
     def append_token(self, seq: Sequence, token: int) -> None:
         """Records a sampled token and finishes the sequence on EOS / stop id / max_tokens / context."""

@@ -30,7 +30,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # set by the engine that runs the request
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    slot: int | None = None  # KV cache slot while running
+    block_table: list[int] = field(default_factory=list)  # KV cache blocks while running (block_manager.py)
     num_computed: int = 0  # tokens whose latents are in the KV cache
     generator: torch.Generator | None = None  # per-request seeded sampling
 
@@ -59,7 +59,9 @@ class Sequence:
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_token_ids)
+        """More than the last token is still to compute: a prompt (or, after a preemption, the
+        whole sequence) not yet cached. A decode step computes the one last token."""
+        return len(self) - self.num_computed > 1
 
     @property
     def finished(self) -> bool:

@@ -24,11 +24,11 @@ class AttentionInputs:
     """Where each token sits: shared by all layers of one forward."""
 
     positions: torch.Tensor  # [B, L] position of each token (rope and causal mask)
-    write_slots: torch.Tensor  # [B, L] cache slot each token's latent goes to (scratch for padding)
-    read_slots: torch.Tensor  # [B] cache slot each row attends over
+    slot_mapping: torch.Tensor  # [B, L] cache row of each token's latent (kv_cache.py; scratch for padding)
+    block_tables: torch.Tensor  # [B, W] the cache blocks of each row's positions
     cos: torch.Tensor  # [B, L, rope_dim // 2]
     sin: torch.Tensor
-    n_ctx: int  # cache positions attended; static max_seq when compiled
+    context_blocks: int  # KV blocks read per row (kv_cache.context_blocks); dynamic when compiled
 
 
 def softmax_scale(hf_config) -> float:
@@ -98,14 +98,14 @@ class MLA(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rope(k_pe, inp.cos, inp.sin)
-        self.kv_cache.write(inp.write_slots, inp.positions, latent, k_pe)
-        ctx_latent, ctx_rope = self.kv_cache.read(inp.read_slots, inp.n_ctx)  # [B, S, C], [B, S, R]
+        self.kv_cache.write(inp.slot_mapping, latent, k_pe)
+        ctx_latent, ctx_rope = self.kv_cache.read(inp.block_tables, inp.context_blocks)  # [B, S, C], [B, S, R]
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("blhd,hdc->blhc", q_nope, w_uk)
         scores = (attention_scores(q_latent, ctx_latent) + attention_scores(q_pe, ctx_rope)) * self.scale
-        visible = torch.arange(inp.n_ctx, device=x.device) <= inp.positions.unsqueeze(-1)  # [B, L, S]
+        visible = torch.arange(ctx_latent.shape[1], device=x.device) <= inp.positions.unsqueeze(-1)  # [B, L, S]
         scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
         out_latent = attention_values(probs, ctx_latent)

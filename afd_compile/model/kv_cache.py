@@ -1,10 +1,18 @@
-"""Static MLA KV cache of one layer: the compressed latent and the rope key, not full K/V.
+"""Paged MLA KV cache of one layer: the compressed latent and the rope key, not full K/V.
 
-Preallocated to [slots + 1, max_seq + 1, ...] and written in place (as in gpt-fast). The extra
-last slot is scratch: padded rows of a batch bucket read and write there and never touch a live
-request's cache. The extra position is never written: it keeps every read a strict prefix, so a
-decode graph compiled for a dynamic context span (compilation.context_spans) holds for every
-span up to max_seq instead of needing its own graph for the whole-cache read.
+Blocks of block_size positions, [num_blocks + 1, block_size, ...], written in place. A sequence's
+positions live in the blocks of its block table (engine/block_manager.py): position p of a row
+is row slot_mapping = block_table[p // block_size] * block_size + p % block_size. The extra last
+block is scratch: padded rows of a batch bucket write and read there and never touch a live
+request's blocks.
+
+Reads gather whole blocks, the first `context_blocks` of each row's table, and attend over all
+their positions (the causal mask hides those past each row's own). A step over n positions reads
+the blocks holding them and one more (kv_cache.context_blocks): so the count is never 1, which
+dynamo would specialise, and a decode graph compiled for a dynamic count (compilation.
+context_spans) holds for every context bucket. Block tables carry two more columns than max_seq
+needs, always scratch: that extra block, and one so every read is a strict prefix of the table
+(a graph compiled for a partial read is then valid for all).
 """
 
 from __future__ import annotations
@@ -14,20 +22,39 @@ from torch import nn
 
 
 class MLAKVCache(nn.Module):
-    def __init__(self, slots: int, max_seq: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype):
+    def __init__(self, num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("latent", torch.zeros(slots + 1, max_seq + 1, kv_lora_rank, dtype=dtype), persistent=False)
-        self.register_buffer("k_rope", torch.zeros(slots + 1, max_seq + 1, rope_dim, dtype=dtype), persistent=False)
+        self.block_size = block_size
+        shape = (num_blocks + 1, block_size)
+        self.register_buffer("latent", torch.zeros(*shape, kv_lora_rank, dtype=dtype), persistent=False)
+        self.register_buffer("k_rope", torch.zeros(*shape, rope_dim, dtype=dtype), persistent=False)
 
     @property
-    def scratch_slot(self) -> int:
+    def scratch_block(self) -> int:
         return self.latent.shape[0] - 1
 
-    def write(self, slots: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        """slots, positions [B, L]; latent [B, L, kv_lora_rank]; k_rope [B, L, rope_dim]."""
-        self.latent.index_put_((slots, positions), latent)
-        self.k_rope.index_put_((slots, positions), k_rope)
+    def write(self, slot_mapping: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """slot_mapping [B, L] (block * block_size + offset); latent [B, L, kv_lora_rank]; k_rope [B, L, rope_dim]."""
+        self.latent.view(-1, self.latent.shape[-1]).index_put_((slot_mapping,), latent)
+        self.k_rope.view(-1, self.k_rope.shape[-1]).index_put_((slot_mapping,), k_rope)
 
-    def read(self, slots: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n_ctx positions of each slot: [B, n_ctx, kv_lora_rank], [B, n_ctx, rope_dim]."""
-        return self.latent[slots, :n_ctx], self.k_rope[slots, :n_ctx]
+    def read(self, block_tables: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first num_blocks blocks: [B, S, kv_lora_rank] and [B, S, rope_dim], S =
+        num_blocks * block_size."""
+        blocks = block_tables[:, :num_blocks]
+        return self.latent[blocks].flatten(1, 2), self.k_rope[blocks].flatten(1, 2)
+
+
+def context_blocks(n_ctx: int, block_size: int) -> int:
+    """The blocks a step attending over n_ctx positions reads (see the module's docstring)."""
+    return -(-n_ctx // block_size) + 1
+
+
+def slot_rows(block_table: list[int], start: int, n: int, block_size: int) -> list[int]:
+    """The cache rows (slot_mapping) of positions start .. start + n - 1 of a sequence."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
+
+
+def table_row(block_table: list[int], width: int, scratch: int) -> list[int]:
+    """A sequence's block table padded with the scratch block to the model's table width."""
+    return block_table + [scratch] * (width - len(block_table))

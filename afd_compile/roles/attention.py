@@ -24,13 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from afd_compile.compilation import CompiledPerShape, CpuGpuBuffer, compile_options, context_bucket, context_spans
+from afd_compile.compilation import CompiledPerShape, compile_options, context_bucket, context_spans
 from afd_compile.config import EngineConfig
 from afd_compile.connector.base import AFDConnector, Flag, Kind, StepHeader, heartbeat
 from afd_compile.connector.ops import Endpoint
+from afd_compile.engine.model_inputs import DecodeRows
 from afd_compile.engine.sequence import Sequence
 from afd_compile.model.attention_half import AttentionHalf, AttentionInputs
 from afd_compile.model.decoder import DeepseekV2
+from afd_compile.model.kv_cache import slot_rows
 from afd_compile.trace import Tracer
 
 
@@ -42,8 +44,8 @@ def _attention_layer(half: AttentionHalf, h: torch.Tensor, inp: AttentionInputs)
 class MicroBatch:
     tokens: torch.Tensor  # [b, L]
     positions: torch.Tensor  # [b, L]
-    write_slots: torch.Tensor  # [b, L]
-    read_slots: torch.Tensor  # [b]
+    slot_mapping: torch.Tensor  # [b, L]
+    block_tables: torch.Tensor  # [b, W]
     last_idx: torch.Tensor  # [b]
     n_ctx: int
     rows: int  # real (unpadded) rows
@@ -61,8 +63,7 @@ class AFDModelRunner:
         self.micro_batches = micro_batches
         self.tracer = tracer or Tracer("attention", 0)
         self.endpoint = Endpoint(connector, self.tracer, "attention")
-        model.setup_caches(config.max_num_seqs, max_model_len)
-        self.scratch = model.scratch_slot
+        self.scratch = model.scratch_block  # the KV cache is set up (LLMEngine.__init__)
         self.device = model.embed_tokens.weight.device
         self.decode_step = self.decode_graphs = None
         if config.enforce_eager:
@@ -81,11 +82,11 @@ class AFDModelRunner:
                 self._layers, "attention_step", self.device,
                 lambda key: f"attention decode step ({key[0]} micro-batch{'es' if key[0] > 1 else ''} of {key[1]} rows, "
                             f"context up to {max_model_len} dynamic)")
-            self.spans = context_spans(max_model_len)
-        # Per (micro-batch count, bucket): the rows (token, position, cache slot) of every
+            self.spans = context_spans(max_model_len, model.block_size)
+        # Per (micro-batch count, bucket): the rows (token, position, cache row, block table) of every
         # micro-batch, rewritten in place each step, and the micro-batches viewing their device
         # copy: each shape's compiled step is always given the same tensors.
-        self._decode_inputs: dict[tuple[int, int], tuple[CpuGpuBuffer, list[MicroBatch]]] = {}
+        self._decode_inputs: dict[tuple[int, int], tuple[list[DecodeRows], list[MicroBatch]]] = {}
         self.steps = itertools.count()
         self.world = world  # rendezvous store and topology, for collecting the FFN ranks' timelines
         self.always_trace = self.tracer.enabled  # started with --trace: record every step
@@ -105,48 +106,43 @@ class AFDModelRunner:
         self.endpoint.wait_observer = fn
 
     # ---- building micro-batches
-    def _micro_batch(self, rows: list[tuple[list[int], int, int]], width: int, n_ctx: int) -> MicroBatch:
-        """A prefill micro-batch: rows (token ids, first position, slot) per sequence, padded to
-        `width` tokens (padding to the scratch slot); only real tokens travel to the FFN."""
-        b = len(rows)
+    def _micro_batch(self, rows: list[tuple[list[int], int, list[int]]], width: int, n_ctx: int) -> MicroBatch:
+        """A prefill micro-batch: rows (token ids, first position, block table) per sequence,
+        padded to `width` tokens (padding to the scratch block); only real tokens travel to the FFN."""
+        b, bs, scratch = len(rows), self.model.block_size, self.scratch
         # Filled as numpy arrays: a torch op per row costs microseconds, tens per row per step.
         tokens = np.zeros((b, width), dtype=np.int64)
         positions = np.zeros((b, width), dtype=np.int64)
-        write_slots = np.full((b, width), self.scratch, dtype=np.int64)
-        read_slots, last_idx = np.zeros(b, dtype=np.int64), np.zeros(b, dtype=np.int64)
-        for i, (ids, start, slot) in enumerate(rows):
+        slot_mapping = np.full((b, width), scratch * bs, dtype=np.int64)
+        tables = np.full((b, self.model.block_table_width), scratch, dtype=np.int64)
+        real, last_idx = np.zeros((b, width), dtype=bool), np.zeros(b, dtype=np.int64)
+        for i, (ids, start, table) in enumerate(rows):
             n = len(ids)
             tokens[i, :n] = ids
             positions[i, :n] = range(start, start + n)
-            write_slots[i, :n], read_slots[i], last_idx[i] = slot, slot, n - 1
-        sent = torch.from_numpy(np.flatnonzero(write_slots != self.scratch))
-        tensors = (torch.from_numpy(t).to(self.device) for t in (tokens, positions, write_slots, read_slots, last_idx))
+            slot_mapping[i, :n] = slot_rows(table, start, n, bs)
+            tables[i, : len(table)] = table
+            real[i, :n], last_idx[i] = True, n - 1
+        sent = torch.from_numpy(np.flatnonzero(real))
+        tensors = (torch.from_numpy(t).to(self.device) for t in (tokens, positions, slot_mapping, tables, last_idx))
         return MicroBatch(*tensors, n_ctx=n_ctx, rows=b, sent=sent.to(self.device))
 
     def _decode_batch(self, seqs: list[Sequence]) -> list[MicroBatch]:
-        """The step's micro-batches, each padded to one bucket (padding rows on the scratch slot),
+        """The step's micro-batches, each padded to one bucket (padding rows on the scratch block),
         all attending over the context bucket of the longest sequence."""
         size = self.config.bucket(math.ceil(len(seqs) / self.micro_batches))
         m = math.ceil(len(seqs) / size)
         if (m, size) not in self._decode_inputs:
-            buf = CpuGpuBuffer(m, 3, size, device=self.device)
             zeros = torch.zeros(size, dtype=torch.long, device=self.device)
-            mbs = [MicroBatch(r[0].view(size, 1), r[1].view(size, 1), r[2].view(size, 1), r[2], zeros,
-                              n_ctx=self.max_model_len, rows=0, sent=None) for r in buf.gpu]
-            self._decode_inputs[m, size] = buf, mbs
-        buf, mbs = self._decode_inputs[m, size]
-        staged = buf.np
-        staged[:, 2] = self.scratch
-        staged[:, :2] = 0
+            staged = [DecodeRows(size, self.model, self.device) for _ in range(m)]
+            mbs = [MicroBatch(*rows.inputs, zeros, n_ctx=self.max_model_len, rows=0, sent=None) for rows in staged]
+            self._decode_inputs[m, size] = staged, mbs
+        staged, mbs = self._decode_inputs[m, size]
         n_ctx = context_bucket(max(len(s) for s in seqs), self.max_model_len)
-        for k, mb in enumerate(mbs):
+        for k, (rows, mb) in enumerate(zip(staged, mbs)):
             part = seqs[k * size : (k + 1) * size]
-            n = mb.rows = len(part)
-            mb.n_ctx = n_ctx
-            staged[k, 0, :n] = [s.last_token_id for s in part]
-            staged[k, 1, :n] = [len(s) - 1 for s in part]
-            staged[k, 2, :n] = [s.slot for s in part]
-        buf.copy_to_gpu()
+            rows.stage(part)
+            mb.rows, mb.n_ctx = len(part), n_ctx
         return mbs
 
     @torch.inference_mode()
@@ -154,8 +150,8 @@ class AFDModelRunner:
         size = math.ceil(len(seqs) / self.micro_batches)
         mbs = []
         for part in (range(i, min(i + size, len(seqs))) for i in range(0, len(seqs), size)):
-            rows = [(seqs[i].prompt_token_ids[seqs[i].num_computed : seqs[i].num_computed + chunk_lens[i]],
-                     seqs[i].num_computed, seqs[i].slot) for i in part]
+            rows = [(seqs[i].token_ids[seqs[i].num_computed : seqs[i].num_computed + chunk_lens[i]],
+                     seqs[i].num_computed, seqs[i].block_table) for i in part]
             n_ctx = max(seqs[i].num_computed + chunk_lens[i] for i in part)
             mbs.append(self._micro_batch(rows, max(chunk_lens[i] for i in part), n_ctx))
         return self._pipeline(mbs, self._layers, _attention_layer)
@@ -173,14 +169,15 @@ class AFDModelRunner:
         return self._pipeline(mbs, lambda *a: self.decode_step(key, *a, span), _attention_layer, Flag.DECODE)
 
     def _warm_up(self, key: tuple[int, int], mbs: list[MicroBatch], span: torch.Tensor) -> None:
-        """Compiles the step for these shapes on loopback links and the scratch slot only, before
+        """Compiles the step for these shapes on loopback links and the scratch block only, before
         its header goes out, and has the FFN ranks compile their round meanwhile (a COMPILE
         request): otherwise each side would wait through the other's compilation (tens of
         seconds on CPU) mid-step. While it compiles, this rank keeps the links busy with idle
         rounds, so the FFN ranks see a live peer, not silence outlasting the connector timeout."""
-        saved = [mb.write_slots.clone() for mb in mbs]
+        saved = [(mb.slot_mapping.clone(), mb.block_tables.clone()) for mb in mbs]
         for mb in mbs:
-            mb.write_slots.fill_(self.scratch)  # read_slots views the same row
+            mb.slot_mapping.fill_(self.scratch * self.model.block_size)
+            mb.block_tables.fill_(self.scratch)
         links = self.connector  # the real ones: the step compiles on loopback links
         requests = iter([StepHeader(Kind.COMPILE, tokens=tuple(mb.num_sent for mb in mbs), flags=Flag.DECODE)])
 
@@ -191,8 +188,9 @@ class AFDModelRunner:
         with self.tracer.compile_span(shape=self.decode_step.describe(key)), heartbeat(beat), \
                 self.endpoint.loopback(self.model.cfg.hidden_size, self.model.embed_tokens.weight.dtype, self.device):
             self.decode_step(key, mbs, _attention_layer, span)
-        for mb, slots in zip(mbs, saved):
-            mb.write_slots.copy_(slots)
+        for mb, (slots, tables) in zip(mbs, saved):
+            mb.slot_mapping.copy_(slots)
+            mb.block_tables.copy_(tables)
 
     # ---- the ping-pong pipeline
     def _pipeline(self, mbs: list[MicroBatch], layers, attention, flags: Flag = Flag(0)) -> torch.Tensor:
@@ -245,11 +243,12 @@ class AFDModelRunner:
         """Every layer for every micro-batch, staggered; per micro-batch logits [b, vocab]. Free of
         host syncs and Python side effects, so it compiles into one graph (CPU) or is captured
         in one CUDA graph: the transfers are ops, each taking the previous one's result (`link`)
-        so they keep this order. span: the context span as a tensor's length, when compiled
-        (compilation.context_spans), else each micro-batch's n_ctx."""
+        so they keep this order. span: the KV blocks read as a tensor's length, when compiled
+        (compilation.context_spans), else those of each micro-batch's n_ctx."""
         model, ep = self.model, self.endpoint.id
-        inps = [model.attention_inputs(mb.positions, mb.write_slots, mb.read_slots,
-                                       mb.n_ctx if span is None else span.shape[0]) for mb in mbs]
+        inps = [model.attention_inputs(mb.positions, mb.slot_mapping, mb.block_tables,
+                                       model.context_blocks(mb.n_ctx) if span is None else span.shape[0])
+                for mb in mbs]
         hs = [None] * len(mbs)  # each micro-batch's hidden states
         sent = [None] * len(mbs)  # what each micro-batch last sent to the FFN
         link = model.embed_tokens.weight.new_empty(0)

@@ -109,8 +109,7 @@ class AsyncEngine:
         def run() -> None:
             try:
                 self.engine, self.rank = build()
-                scheduler, slots = self.engine.scheduler, self.engine.config.max_num_seqs
-                self.metrics.watch_kv_cache(lambda: len(scheduler.free_slots), slots)
+                self.metrics.watch_kv_cache(self.engine.scheduler.block_manager.usage)
             except BaseException as e:  # handed to the caller, which raises it
                 failure.append(e)
                 return
@@ -228,10 +227,10 @@ class AsyncEngine:
                     all_idle = self._timed(self.rank.idle)
                     idle_wait = min(max(2 * idle_wait, IDLE_WAIT_S[0]), IDLE_WAIT_S[1]) if all_idle else 0.0
                 scheduler = self.engine.scheduler
-                self.metrics.set_queue(len(scheduler.running), len(scheduler.waiting))
-                slots = self.engine.config.max_num_seqs
-                self.stat_logger.step(len(scheduler.running), len(scheduler.waiting), slots - len(scheduler.free_slots),
-                                      slots)
+                self.metrics.set_scheduler(scheduler)
+                blocks = scheduler.block_manager
+                self.stat_logger.step(len(scheduler.running), len(scheduler.waiting), blocks.usage(),
+                                      blocks.hits / max(blocks.queries, 1))
                 self._finish_trace()
         except Exception as e:
             if not self.rank.has_peers:

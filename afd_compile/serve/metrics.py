@@ -33,10 +33,14 @@ class Metrics:
         self.e2e = Histogram("afd:e2e_request_latency_seconds", "End-to-end request latency",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("afd:num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("afd:num_requests_waiting", "Requests waiting for a KV cache slot", registry=r)
-        self.kv_cache_slots = Gauge("afd:kv_cache_slots", "KV cache slots (max_num_seqs)", registry=r)
-        self.kv_cache_free_slots = Gauge("afd:kv_cache_free_slots", "KV cache slots free for a new request",
-                                         registry=r)
+        self.waiting = Gauge("afd:num_requests_waiting", "Requests waiting for KV cache blocks", registry=r)
+        self.kv_cache_usage = Gauge("afd:kv_cache_usage_perc", "Fraction of KV cache blocks held by requests (0-1)",
+                                    registry=r)
+        self.prefix_cache_queries = Counter("afd:prefix_cache_queries", "Tokens looked up in the prefix cache",
+                                            registry=r)
+        self.prefix_cache_hits = Counter("afd:prefix_cache_hits", "Tokens found in the prefix cache", registry=r)
+        self.num_preemptions = Counter("afd:num_preemptions", "Requests preempted for lack of KV blocks", registry=r)
+        self._counted = (0, 0, 0)  # the engine's queries, hits, preemptions already counted
         self.connector_latency = Histogram("afd:connector_wait_seconds",
                                            "Attention rank's wait for FFN output, per layer", ["layer"],
                                            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1), registry=r)
@@ -49,14 +53,21 @@ class Metrics:
                                       registry=r)
         self.compiles_running.set_function(lambda: Compiling.running)
 
-    def watch_kv_cache(self, free_slots: Callable[[], int], num_slots: int) -> None:
-        """Counts free slots at scrape time: a leaked slot shows here even while the engine is idle."""
-        self.kv_cache_slots.set(num_slots)
-        self.kv_cache_free_slots.set_function(free_slots)
+    def watch_kv_cache(self, usage: Callable[[], float]) -> None:
+        """Reads the KV cache use at scrape time: a leaked block shows here even while the engine is idle."""
+        self.kv_cache_usage.set_function(usage)
 
-    def set_queue(self, running: int, waiting: int) -> None:
-        self.running.set(running)
-        self.waiting.set(waiting)
+    def set_scheduler(self, scheduler) -> None:
+        """The queues, and what the prefix cache and preemption counted since the last call."""
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        blocks = scheduler.block_manager
+        now = (blocks.queries, blocks.hits, scheduler.num_preemptions)
+        for counter, new, old in zip((self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions), now,
+                                     self._counted):
+            if new > old:
+                counter.inc(new - old)
+        self._counted = now
 
     def finished(self, seq, e2e_s: float, since_first_token_s: float) -> None:
         self.finished_requests.labels(seq.finish_reason).inc()
@@ -78,14 +89,14 @@ class StatLogger:
         self.last = time.monotonic()
         self.prompt_tokens = self.generation_tokens = 0
 
-    def step(self, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+    def step(self, running: int, waiting: int, kv_usage: float, prefix_hit_rate: float) -> None:
         now = time.monotonic()
         if now - self.last < self.interval_s:
             return
         if self.prompt_tokens or self.generation_tokens or running or waiting:
             span = now - self.last
             log.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
-                     "Waiting: %d reqs, KV cache usage: %.1f%% (%d of %d slots)", self.prompt_tokens / span,
-                     self.generation_tokens / span, running, waiting, 100 * kv_used / max(kv_total, 1), kv_used,
-                     kv_total)
+                     "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                     self.prompt_tokens / span, self.generation_tokens / span, running, waiting, 100 * kv_usage,
+                     100 * prefix_hit_rate)
         self.last, self.prompt_tokens, self.generation_tokens = now, 0, 0
