@@ -104,6 +104,10 @@ async def _load(ports: list[int], rate: float, n: int, max_tokens: int, seed: in
 
 
 def run(args) -> dict:
+    if args.workload:
+        from benchmarks import serve_kv
+
+        return serve_kv.run(args)
     if args.clients:
         from benchmarks import serve_closed_loop
 

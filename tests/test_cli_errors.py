@@ -28,6 +28,8 @@ CASES = {
     "dtype": (["generate", "--dtype", "float8", "1 2"], ("float8", "bfloat16")),
     "model directory": (["serve", "--model", "/no/such/model"], ("/no/such/model", "does not exist")),
     "afd_size": (["launch", "--afd-size", "3X"], ("3X", "xAyF")),
+    "block size": (["serve", "--block-size", "24"], ("block_size", "power of two", "24")),
+    "KV cache too small": (["serve", "--kv-cache-memory-bytes", "1000"], ("--kv-cache-memory-bytes 1000", "needs")),
     "no room for the ranks' ports": (["launch", "--afd-size", "2A1F", "--port", "65535"], ("65536", "2 ranks")),
 }
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from afd_compile.errors import AfdError
+from afd_compile.model.decoder import padded_batch
 from afd_compile.model import loader
 from afd_compile.model.loader import load_config, load_model, load_tokenizer
 
@@ -63,11 +64,11 @@ def routed_params(model) -> int:
 
 
 def last_logits(model, prompt: list[int]) -> torch.Tensor:
-    model.setup_caches(1, 32)
+    model.setup_caches(2, 16, 32)
     n = len(prompt)
+    tokens, positions, slot_mapping, block_tables, _ = padded_batch([prompt], model)
     with torch.inference_mode():
-        return model(torch.tensor([prompt]), torch.arange(n).unsqueeze(0), torch.zeros(1, n, dtype=torch.long),
-                     torch.tensor([0]), torch.tensor([n - 1]), n)
+        return model(tokens, positions, slot_mapping, block_tables, torch.tensor([n - 1]), model.context_blocks(n))
 
 
 def assert_same_state(a, b) -> None:

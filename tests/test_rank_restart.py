@@ -286,4 +286,4 @@ def test_queued_requests_fail_when_a_reconnect_attempt_fails(flaky_engine):
     running, queued = fail_running_then_reconnect(engine, broken, reconnect)
     assert "the peer process is gone" in running[-1].error
     assert "re-forming the AFD world failed: no new generation" in queued[-1].error
-    assert len(attempts) == 2 and len(engine.scheduler.free_slots) == 1
+    assert len(attempts) == 2 and engine.scheduler.block_manager.usage() == 0

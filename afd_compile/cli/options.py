@@ -131,8 +131,10 @@ def check_early(args) -> None:
             args.model = args.model_tag
         if args.model is None:
             args.model = str(DEFAULT_MODEL)
-        args.device = engine_config(args).device  # auto resolved once, for this process and its ranks
-        load_config(args.model)
+        config = engine_config(args)
+        args.device = config.device  # auto resolved once, for this process and its ranks
+        hf = load_config(args.model)
+        config.kv_cache_blocks(hf, config.resolve_max_model_len(hf))  # a KV pool too small for one sequence
     if args.command in ("serve", "launch", "console"):
         from afd_compile.serve.server import check_port_free
 

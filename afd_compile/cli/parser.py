@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: closed loop with these numbers of concurrent clients (e.g. 16,32), each round "
                         "against the offline engine, instead of open-loop rates")
     p.add_argument("--rounds", type=int, default=3, help="serve --clients: rounds per number of clients")
+    p.add_argument("--workload", choices=["shared-prefix", "mixed"], default=None,
+                   help="serve: KV cache workloads instead of open-loop rates: shared-prefix (TTFT with prefix "
+                        "caching against without), mixed (mixed lengths at the KV memory of --max-num-seqs "
+                        "static slots: paged against a batch capped at that)")
+    p.add_argument("--rate", type=float, default=4.0, help="serve --workload shared-prefix: request rate (req/s)")
     p.add_argument("--max-tokens", type=int, default=16, help="serve: tokens per request")
     p.add_argument("--micro-batches", type=int, default=2, help="serve: AFD ping-pong micro-batches")
     p.add_argument("--connector", default="shm", help="serve: AFD connector")

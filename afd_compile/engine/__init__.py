@@ -1,4 +1,4 @@
-"""The engine: requests in, tokens out. Scheduler, KV slots, model runner, sampler."""
+"""The engine: requests in, tokens out. Scheduler, KV blocks, model runner, sampler."""
 
 from afd_compile.engine.llm_engine import LLMEngine
 from afd_compile.engine.sampling_params import SamplingParams

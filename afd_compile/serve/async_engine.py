@@ -165,7 +165,7 @@ class AsyncEngine:
         finally:
             if get is not None:
                 get.cancel()
-            if not finished:  # the caller went away, admitted or not yet: free its KV slot
+            if not finished:  # the caller went away, admitted or not yet: free its KV blocks
                 self.abort(request_id)
 
     def submit(self, command: m.AddRequest | m.AbortRequest) -> None:

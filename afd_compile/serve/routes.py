@@ -148,7 +148,7 @@ async def client_gone(request: Request) -> None:
 
 async def unless_client_gone(request: Request, work: Awaitable[list[Delta]]) -> list[Delta]:
     """Awaits a non-streaming request's work, or cancels it once the client has closed the
-    connection: cancelled, its sequences are aborted in the engine, freeing their KV slots."""
+    connection: cancelled, its sequences are aborted in the engine, freeing their KV blocks."""
     task, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_gone(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
