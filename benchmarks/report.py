@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,3 +69,20 @@ def write_json(result: dict, scenario: str, out: str | Path | None = None) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+@contextmanager
+def panels(path: Path, count: int):
+    """`count` side-by-side axes to draw on; on exit, their legends and the PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: benchmarks write files
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, count, figsize=(5 * count, 4))
+    yield axes
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

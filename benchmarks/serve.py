@@ -23,7 +23,7 @@ import httpx
 from afd_compile.demo.tasks import held_out_set
 from afd_compile.roles.rendezvous import free_port
 from afd_compile.topology import Topology
-from benchmarks.report import format_table, machine_info, write_json
+from benchmarks.report import format_table, machine_info, panels, write_json
 
 
 def engine_argv(args, deployment: str, max_model_len: int) -> list[str]:
@@ -146,21 +146,12 @@ def run(args) -> dict:
 
 
 def _plot(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for deployment, rs in results.items():
-        rates = [r["rate"] for r in rs]
-        a.plot(rates, [r["throughput_tok_s"] for r in rs], marker="o", label=deployment)
-        b.plot(rates, [r["ttft_p50"] * 1e3 for r in rs], marker="o", label=f"{deployment} p50")
-        b.plot(rates, [r["ttft_p99"] * 1e3 for r in rs], marker="x", linestyle="--", label=f"{deployment} p99")
-    a.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title="throughput")
-    b.set(xlabel="request rate (req/s)", ylabel="ms", title="time to first token")
-    a.legend(), b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with panels(path, 2) as (a, b):
+        for deployment, rs in results.items():
+            rates = [r["rate"] for r in rs]
+            a.plot(rates, [r["throughput_tok_s"] for r in rs], marker="o", label=deployment)
+            b.plot(rates, [r["ttft_p50"] * 1e3 for r in rs], marker="o", label=f"{deployment} p50")
+            b.plot(rates, [r["ttft_p99"] * 1e3 for r in rs], marker="x", linestyle="--", label=f"{deployment} p99")
+        a.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title="throughput")
+        b.set(xlabel="request rate (req/s)", ylabel="ms", title="time to first token")
     return path

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from afd_compile.roles.rendezvous import free_port
-from benchmarks.report import format_table, machine_info, write_json
+from benchmarks.report import format_table, machine_info, panels, write_json
 from benchmarks.serve import wait_healthy
 
 MAX_MODEL_LEN = 512
@@ -154,20 +154,11 @@ def run(args) -> dict:
 
 
 def _plot(runs: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in runs.items():
-        t = [s["t"] for s in r["samples"]]
-        a.plot(t, [100 * s.get("afd:kv_cache_usage_perc", 0) for s in r["samples"]], label=name)
-        b.plot(t, [s.get("afd:num_requests_running", 0) for s in r["samples"]], label=name)
-    a.set(xlabel="s", ylabel="% of KV blocks held", title="KV cache usage")
-    b.set(xlabel="s", ylabel="requests", title="running")
-    a.legend(), b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with panels(path, 2) as (a, b):
+        for name, r in runs.items():
+            t = [s["t"] for s in r["samples"]]
+            a.plot(t, [100 * s.get("afd:kv_cache_usage_perc", 0) for s in r["samples"]], label=name)
+            b.plot(t, [s.get("afd:num_requests_running", 0) for s in r["samples"]], label=name)
+        a.set(xlabel="s", ylabel="% of KV blocks held", title="KV cache usage")
+        b.set(xlabel="s", ylabel="requests", title="running")
     return path
