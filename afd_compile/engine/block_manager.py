@@ -55,38 +55,31 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _full_block_hashes(self, seq: Sequence, limit: int) -> list[tuple[int, tuple[int, ...]]]:
-        """(hash, tokens) of each full block within the first `limit` tokens of seq."""
-        out, parent, tokens = [], None, seq.token_ids
-        for start in range(0, limit - self.block_size + 1, self.block_size):
+    def _cache_hits(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """The cached blocks that begin seq, and their hashes. At least one token is left to
+        compute (its logits give the next token), so the block holding the last token is never a hit."""
+        hits, hashes, parent, tokens = [], [], None, seq.token_ids
+        if not self.enable_prefix_caching:
+            return hits, hashes
+        for start in range(0, len(seq) - self.block_size, self.block_size):
             ids = tuple(tokens[start : start + self.block_size])
             parent = block_hash(parent, ids)
-            out.append((parent, ids))
-        return out
-
-    def _cache_hits(self, seq: Sequence) -> list[int]:
-        """Ids of the cached blocks that begin seq. At least one token is left to compute (its
-        logits give the next token), so the block holding the last token is never a hit."""
-        if not self.enable_prefix_caching:
-            return []
-        hits = []
-        for h, ids in self._full_block_hashes(seq, len(seq) - 1):
-            block_id = self.cached.get(h)
+            block_id = self.cached.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != ids:
                 break
-            hits.append(block_id)
-        return hits
+            hits.append(block_id), hashes.append(parent)
+        return hits, hashes
 
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether seq's tokens (all of them: a preempted sequence recomputes its output too) fit now."""
-        hits = self._cache_hits(seq)
+        hits, _ = self._cache_hits(seq)
         held_free = sum(1 for b in hits if b in self.free)  # cached but free: taking them uses free blocks
         return self.blocks_for(len(seq)) - len(hits) + held_free <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
         """Gives seq the blocks of all its tokens, cached ones first; sets seq.num_computed to the
         tokens those hold."""
-        hits = self._cache_hits(seq)
+        hits, seq.block_hashes = self._cache_hits(seq)
         for block_id in hits:
             self._take(block_id)
         seq.block_table = hits + [self._take(self._next_free()) for _ in range(self.blocks_for(len(seq)) - len(hits))]
@@ -105,17 +98,20 @@ class BlockManager:
             seq.block_table.append(self._take(self._next_free()))
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Keys the blocks seq has filled (its computed tokens) so later requests can share them."""
-        if not self.enable_prefix_caching:
+        """Keys the blocks seq has filled since the last call (its computed tokens), so later
+        requests can share them."""
+        hashes, full = seq.block_hashes, seq.num_computed // self.block_size
+        if not self.enable_prefix_caching or len(hashes) >= full:  # most decode steps fill no block
             return
-        for i, (h, ids) in enumerate(self._full_block_hashes(seq, seq.num_computed)):
+        tokens = seq.token_ids
+        for i in range(len(hashes), full):
+            ids = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(hashes[-1] if hashes else None, ids)
+            hashes.append(h)
             block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:
-                continue
-            if h in self.cached:  # the same tokens computed twice at once: keep the first
-                continue
-            block.hash, block.token_ids = h, ids
-            self.cached[h] = block.block_id
+            if block.hash is None and h not in self.cached:  # the same tokens computed twice at once: keep the first
+                block.hash, block.token_ids = h, ids
+                self.cached[h] = block.block_id
 
     def free_seq(self, seq: Sequence) -> None:
         """Releases seq's blocks (finish, abort, preemption); cached ones stay findable until reused."""
@@ -124,7 +120,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
-        seq.block_table = []
+        seq.block_table, seq.block_hashes = [], []
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block (vLLM's reset_prefix_cache): after something other than a

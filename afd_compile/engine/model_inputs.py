@@ -39,6 +39,10 @@ class DecodeRows:
         r = self.rows.gpu
         # tokens [B, 1], positions [B, 1], slot_mapping [B, 1], block tables [B, W]
         self.inputs = (r[0].view(rows, 1), r[1].view(rows, 1), r[2].view(rows, 1), self.tables.gpu)
+        # The block ids each row's table holds: a row whose sequence's table is unchanged is not
+        # rewritten (comparing lists is far cheaper than a numpy row write per row and step).
+        # None: never staged.
+        self._tables: list[list[int] | None] = [None] * rows
 
     def stage(self, seqs: list[Sequence]) -> None:
         """The first len(seqs) rows for seqs, the rest of the bucket padding."""
@@ -48,8 +52,11 @@ class DecodeRows:
         staged[1, :n] = [len(s) - 1 for s in seqs]
         staged[2, :n] = [s.block_table[(len(s) - 1) // bs] * bs + (len(s) - 1) % bs for s in seqs]
         staged[:, n:] = ((0,), (0,), (scratch * bs,))
-        tables[:] = scratch
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
+        for i, held in enumerate(self._tables):
+            table = seqs[i].block_table if i < n else []  # padding rows: all scratch
+            if held != table:
+                tables[i, : len(table)] = table
+                tables[i, len(table) :] = scratch
+                self._tables[i] = list(table)
         self.rows.copy_to_gpu()
         self.tables.copy_to_gpu()

@@ -31,6 +31,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     block_table: list[int] = field(default_factory=list)  # KV cache blocks while running (block_manager.py)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
     num_computed: int = 0  # tokens whose latents are in the KV cache
     generator: torch.Generator | None = None  # per-request seeded sampling
 
