@@ -19,11 +19,14 @@ def test_blocks_follow_the_sequence_and_come_back_on_free():
     blocks.allocate(s)
     assert len(s.block_table) == 2 and s.num_computed == 0 and blocks.num_free == 2
     s.output_token_ids += [9, 9, 9]  # position 7: still block 2
-    blocks.append(s)
-    assert len(s.block_table) == 2
+    assert blocks.append_slot(s) and len(s.block_table) == 2
     s.output_token_ids.append(9)  # position 8 starts block 3
-    blocks.append(s)
-    assert len(s.block_table) == 3 and blocks.usage() == 0.75
+    assert blocks.append_slot(s) and len(s.block_table) == 3 and blocks.usage() == 0.75
+    other = seq(range(4))
+    blocks.allocate(other)  # the last free block
+    s.output_token_ids += [9] * 4  # position 12 needs a fourth block: none is free
+    assert not blocks.append_slot(s) and len(s.block_table) == 3
+    blocks.free_seq(other)
     blocks.free_seq(s)
     assert blocks.num_free == 4 and not s.block_table and blocks.usage() == 0.0
 

@@ -88,14 +88,15 @@ class BlockManager:
             self.queries += len(seq)
             self.hits += seq.num_computed
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether seq's next decode step has its position: a free block when it needs one."""
-        return self.blocks_for(len(seq)) <= len(seq.block_table) or self.num_free > 0
-
-    def append(self, seq: Sequence) -> None:
-        """Before a decode step: a new block if the token it writes starts one."""
-        if self.blocks_for(len(seq)) > len(seq.block_table):
-            seq.block_table.append(self._take(self._next_free()))
+    def append_slot(self, seq: Sequence) -> bool:
+        """Before a decode step: a new block if the token it writes starts one. False when it
+        needs one and none is free."""
+        if len(seq) <= len(seq.block_table) * self.block_size:
+            return True
+        if not self.free:
+            return False
+        seq.block_table.append(self._take(self._next_free()))
+        return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Keys the blocks seq has filled since the last call (its computed tokens), so later

@@ -81,13 +81,12 @@ class Scheduler:
         for seq in decodable:
             if seq.status is not Status.RUNNING:  # preempted for an earlier one
                 continue
-            while not self.block_manager.can_append(seq):
+            while not self.block_manager.append_slot(seq):
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
                     break
             else:
-                self.block_manager.append(seq)
                 seqs.append(seq)
         return seqs
 
@@ -102,9 +101,15 @@ class Scheduler:
         """Records the tokens a step computed (a prefill's chunks, a decode's one token each);
         returns the indices in batch.seqs of the sequences now due a sampled token: all of a
         decode, and of a prefill those with every token cached."""
-        for seq, n in zip(batch.seqs, batch.chunk_lens if batch.is_prefill else [1] * len(batch.seqs)):
+        blocks = self.block_manager
+        if not batch.is_prefill:
+            for seq in batch.seqs:
+                seq.num_computed += 1
+                blocks.cache_full_blocks(seq)
+            return list(range(len(batch.seqs)))
+        for seq, n in zip(batch.seqs, batch.chunk_lens):
             seq.num_computed += n
-            self.block_manager.cache_full_blocks(seq)
+            blocks.cache_full_blocks(seq)
         return [i for i, seq in enumerate(batch.seqs) if seq.num_computed == len(seq)]
 
     def finish(self, seq: Sequence, reason: str) -> None:

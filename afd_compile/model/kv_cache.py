@@ -8,11 +8,11 @@ request's blocks.
 
 Reads gather whole blocks, the first `context_blocks` of each row's table, and attend over all
 their positions (the causal mask hides those past each row's own). A step over n positions reads
-the blocks holding them and one more (kv_cache.context_blocks): so the count is never 1, which
-dynamo would specialise, and a decode graph compiled for a dynamic count (compilation.
-context_spans) holds for every context bucket. Block tables carry two more columns than max_seq
-needs, always scratch: that extra block, and one so every read is a strict prefix of the table
-(a graph compiled for a partial read is then valid for all).
+the blocks holding them, at least two: a count of 1 dynamo would specialise, and a decode graph
+compiled for a dynamic count (compilation.context_spans) must hold for every context bucket.
+Block tables carry two more columns than max_seq needs, always scratch: one for that second
+block, and one so every read is a strict prefix of the table (a graph compiled for a partial
+read is then valid for all).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class MLAKVCache(nn.Module):
 
 
 def context_blocks(n_ctx: int, block_size: int) -> int:
-    """The blocks a step attending over n_ctx positions reads (see the module's docstring)."""
-    return -(-n_ctx // block_size) + 1
+    """The blocks a step attending over n_ctx positions reads: those holding them, at least two
+    (see the module's docstring)."""
+    return max(2, -(-n_ctx // block_size))
 
 
 def slot_rows(block_table: list[int], start: int, n: int, block_size: int) -> list[int]:
