@@ -26,12 +26,19 @@ from afd_compile.roles.rendezvous import free_port
 from benchmarks.report import format_table, machine_info, panels, write_json
 from benchmarks.serve import wait_healthy
 
-MAX_MODEL_LEN = 512
 SAMPLE_S = 0.2  # /metrics polling period of the usage-over-time series
 
 
+def _max_model_len(args) -> int:
+    """--max-model-len, else the engine's default for the model."""
+    from afd_compile.config import EngineConfig
+    from afd_compile.model.loader import load_config
+
+    return EngineConfig(max_model_len=args.max_model_len).resolve_max_model_len(load_config(args.model))
+
+
 def _start(args, port: int, extra: list[str]) -> subprocess.Popen:
-    argv = ["serve", "--model", str(args.model), "--max-model-len", str(MAX_MODEL_LEN), "--dtype", args.dtype,
+    argv = ["serve", "--model", str(args.model), "--max-model-len", str(_max_model_len(args)), "--dtype", args.dtype,
             "--port", str(port), *(["--enforce-eager"] if args.enforce_eager else []), *extra]
     return subprocess.Popen([sys.executable, "-m", "afd_compile.cli", *argv], env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -123,7 +130,7 @@ def mixed(args) -> dict:
     hf = load_config(args.model)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     per_position = hf.num_hidden_layers * (hf.kv_lora_rank + hf.qk_rope_head_dim) * dtype_bytes
-    budget = args.max_num_seqs * MAX_MODEL_LEN * per_position  # that many static slots of max_model_len
+    budget = args.max_num_seqs * _max_model_len(args) * per_position  # that many static slots of max_model_len
     rng = random.Random(0)
     # 8x the static slots: enough that the paged cache, not the request count, bounds the batch
     requests = [(_vocab(rng, rng.randint(16, 256)), rng.randint(16, 128)) for _ in range(8 * args.max_num_seqs)]
@@ -146,7 +153,7 @@ def run(args) -> dict:
     print({k: v for k, v in result.items() if k != "runs"})
     out = write_json({"scenario": "serve", "workload": args.workload, "machine": machine_info(),
                       "config": {"model": str(args.model), "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-                                 "max_tokens": args.max_tokens, "rate": args.rate, "max_model_len": MAX_MODEL_LEN,
+                                 "max_tokens": args.max_tokens, "rate": args.rate, "max_model_len": _max_model_len(args),
                                  "enforce_eager": args.enforce_eager}, **result}, f"serve_{args.workload}", args.out)
     plot = _plot(result["runs"], Path(out).with_suffix(".png"))
     print(f"wrote {out} and {plot}")
