@@ -15,8 +15,7 @@ def seq(tokens: list[int]) -> Sequence:
 def test_blocks_follow_the_sequence_and_come_back_on_free():
     blocks = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
     s = seq(range(5))
-    assert blocks.can_allocate(s)
-    blocks.allocate(s)
+    assert blocks.allocate(s)
     assert len(s.block_table) == 2 and s.num_computed == 0 and blocks.num_free == 2
     s.output_token_ids += [9, 9, 9]  # position 7: still block 2
     assert blocks.append_slot(s) and len(s.block_table) == 2
@@ -66,7 +65,7 @@ def test_a_different_parent_is_a_miss_and_freed_blocks_stay_findable_until_reuse
     assert again.num_computed == 0  # a's blocks were overwritten by other's
 
 
-def test_can_allocate_counts_cached_free_blocks_as_taken():
+def test_allocate_counts_cached_free_blocks_as_taken():
     blocks = BlockManager(num_blocks=2, block_size=2)
     a = seq([1, 2, 3])
     blocks.allocate(a)
@@ -74,5 +73,5 @@ def test_can_allocate_counts_cached_free_blocks_as_taken():
     blocks.cache_full_blocks(a)
     blocks.free_seq(a)
     b = seq([1, 2, 7, 8, 9])  # one cached (free) block + two new: three > two
-    assert not blocks.can_allocate(b)
-    assert blocks.can_allocate(seq([1, 2, 7]))
+    assert not blocks.allocate(b) and not b.block_table and blocks.num_free == 2
+    assert blocks.allocate(seq([1, 2, 7]))

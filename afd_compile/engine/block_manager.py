@@ -70,23 +70,22 @@ class BlockManager:
             hits.append(block_id), hashes.append(parent)
         return hits, hashes
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Whether seq's tokens (all of them: a preempted sequence recomputes its output too) fit now."""
-        hits, _ = self._cache_hits(seq)
+    def allocate(self, seq: Sequence) -> bool:
+        """Gives seq the blocks of all its tokens (a preempted sequence recomputes its output too),
+        cached ones first, and sets seq.num_computed to the tokens those hold; False, changing
+        nothing, when they do not fit now."""
+        hits, hashes = self._cache_hits(seq)
         held_free = sum(1 for b in hits if b in self.free)  # cached but free: taking them uses free blocks
-        return self.blocks_for(len(seq)) - len(hits) + held_free <= self.num_free
-
-    def allocate(self, seq: Sequence) -> None:
-        """Gives seq the blocks of all its tokens, cached ones first; sets seq.num_computed to the
-        tokens those hold."""
-        hits, seq.block_hashes = self._cache_hits(seq)
+        if self.blocks_for(len(seq)) - len(hits) + held_free > self.num_free:
+            return False
         for block_id in hits:
             self._take(block_id)
         seq.block_table = hits + [self._take(self._next_free()) for _ in range(self.blocks_for(len(seq)) - len(hits))]
-        seq.num_computed = len(hits) * self.block_size
+        seq.block_hashes, seq.num_computed = hashes, len(hits) * self.block_size
         if self.enable_prefix_caching:
             self.queries += len(seq)
             self.hits += seq.num_computed
+        return True
 
     def append_slot(self, seq: Sequence) -> bool:
         """Before a decode step: a new block if the token it writes starts one. False when it

@@ -64,9 +64,8 @@ class Scheduler:
                 seqs.append(seq), chunks.append(n)
                 budget -= n
         while (self.waiting and len(self.running) < self.max_num_seqs and budget > 0
-               and self.block_manager.can_allocate(self.waiting[0])):
+               and self.block_manager.allocate(self.waiting[0])):  # cached prefix blocks count as computed
             seq = self.waiting.popleft()
-            self.block_manager.allocate(seq)  # cached prefix blocks count as computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed, budget)
